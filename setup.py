@@ -67,7 +67,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["otherview", "otherview.*"]),
-    package_data={"otherview": ["configs/*.json", "configs/*/*.json", "configs/*/*.jinja"]},
+    package_data={"otherview": ["configs/*.jinja", "configs/*/*.json"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.42,<0.43",

@@ -1,0 +1,120 @@
+"""Capture: forward pre-hooks that accumulate per-sample, per-unit sums of squares of each site's input.
+
+One small interface (after diffusers' hooks): ``attach`` finds the sites by fully qualified module
+name, registers one pre-hook per site and returns a ``Capture`` whose ``detach`` (or ``with`` exit)
+removes every hook. A hook never synchronises the device: it adds into a preallocated fp32 buffer
+``[batch, 1, units]`` through ``otherview.ops.rms.unit_sumsq_`` (the compiled op, or the plain-PyTorch
+reference where none is built), and the buffer is copied to the host once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .ops import rms as rms_ops
+from .plan import Plan, Site
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(Exception):
+    """A site named by the plan is not a module of the model."""
+
+
+def _reference_sumsq_(x: torch.Tensor, unit_width: int, segments: list[int], out: torch.Tensor) -> None:
+    out += rms_ops.unit_sumsq_ref(x, unit_width, segments)
+
+
+@dataclass
+class Capture:
+    """Hooks on a model's sites, accumulating into ``buffer`` while ``active``."""
+
+    plan: Plan
+    buffer: torch.Tensor  # fp32 [max_batch, 1, n_units]
+    handles: list = field(default_factory=list)
+    active: bool = True
+    batch: int = 0  # rows of ``buffer`` the current batch uses
+    evaluations: int = 0  # counted (active) transformer evaluations since the last reset
+
+    def reset(self, batch: int) -> None:
+        """Zero the buffer rows of a new batch of ``batch`` samples."""
+        if batch > self.buffer.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the capture buffer's {self.buffer.shape[0]} rows")
+        self.batch = batch
+        self.buffer[:batch].zero_()
+        self.evaluations = 0
+
+    def rms(self) -> torch.Tensor:
+        """Return the per-sample, per-unit RMS of the current batch as fp32 ``[batch, units]`` on the host."""
+        g = self.plan.spec.capture.unit_width
+        counts = torch.empty(self.plan.n_units, dtype=torch.float32)
+        for site in self.plan.sites:
+            n = (site.segment[1] - site.segment[0]) * g * max(self.evaluations, 1)
+            counts[site.unit_offset: site.unit_offset + site.n_units] = float(n)
+        sumsq = self.buffer[: self.batch, 0].float().cpu()  # the one device-to-host copy of a batch
+        return torch.sqrt(sumsq / counts)
+
+    def detach(self) -> None:
+        """Remove every hook this capture registered (safe to call twice)."""
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _make_hook(capture: Capture, site: Site, unit_width: int, accumulate):
+    u0, u1 = site.unit_offset, site.unit_offset + site.n_units
+    segments = [site.segment[0], site.segment[1]]
+
+    def hook(module, args):
+        if capture.active:
+            x = args[0]
+            if x.shape[1] != site.tokens:
+                raise CaptureError(f"{site.name} received {x.shape[1]} tokens, the plan expects {site.tokens}")
+            accumulate(x, unit_width, segments, capture.buffer[: x.shape[0], :, u0:u1])
+        return None
+
+    return hook
+
+
+def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kernel: str = "auto") -> Capture:
+    """Return a ``Capture`` with one forward pre-hook on each of ``plan``'s sites in ``transformer``.
+
+    Parameters
+    ----------
+    transformer : torch.nn.Module
+        The FLUX.2 transformer; sites are found by fully qualified module name.
+    plan : Plan
+        Gives the sites, their token segments and unit offsets.
+    buffer : torch.Tensor, shape (max_batch, 1, n_units), float32
+        Where the hooks accumulate sums of squares; on the transformer's device.
+    kernel : {"auto", "compiled", "reference"}
+        ``auto`` uses the compiled op where built for the device, else the reference.
+    """
+    if kernel == "reference":
+        accumulate = _reference_sumsq_
+    elif kernel == "compiled" and not ops.has_kernel("unit_sumsq_", buffer.device):
+        raise CaptureError(f"runtime.capture_kernel = 'compiled' but no compiled op is built for {buffer.device}")
+    else:
+        accumulate = rms_ops.unit_sumsq_
+    modules = dict(transformer.named_modules())
+    capture = Capture(plan=plan, buffer=buffer)
+    try:
+        for site in plan.sites:
+            module = modules.get(site.name)
+            if module is None:
+                raise CaptureError(f"capture.sites: no module named '{site.name}' in {type(transformer).__name__}")
+            capture.handles.append(module.register_forward_pre_hook(_make_hook(capture, site, plan.spec.capture.unit_width, accumulate)))
+            log.debug("capture hook on %s (units %d..%d)", site.name, site.unit_offset, site.unit_offset + site.n_units - 1)
+    except BaseException:
+        capture.detach()
+        raise
+    return capture

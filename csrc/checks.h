@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #define OV_CHECK_DIM(t, n, name) \
   TORCH_CHECK((t).dim() == (n), name ": expected a ", n, "-d tensor, got shape ", (t).sizes())
@@ -10,3 +11,62 @@
 #define OV_CHECK_SAME_DEVICE(a, b, an, bn) \
   TORCH_CHECK((a).device() == (b).device(), an " and " bn " must be on one device, got ", \
               (a).device(), " and ", (b).device())
+
+// Value and type errors surface in Python as ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE), so
+// the wrappers' reference fallback can raise the same class with the same text. `op` is a string
+// literal naming the op; every message starts with it.
+#define OV_CHECK_ARG(cond, op, ...) TORCH_CHECK_VALUE(cond, op ": ", __VA_ARGS__)
+#define OV_CHECK_ARG_TYPE(cond, op, ...) TORCH_CHECK_TYPE(cond, op ": ", __VA_ARGS__)
+
+namespace otherview {
+
+// Python's spelling of a dtype ("torch.bfloat16"), so C++ and Python messages read the same.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// unit_sumsq_(x, unit_width, segments, out): every backend runs these checks first. The Python
+// fake kernel and the reference fallback (otherview/ops/rms.py) repeat them word for word.
+inline void check_unit_sumsq_args(const at::Tensor& x, int64_t unit_width,
+                                  at::IntArrayRef segments, const at::Tensor& out) {
+  OV_CHECK_ARG(x.dim() == 3, "unit_sumsq_", "x must be 3-d [B, T, C], got shape ", x.sizes());
+  const auto xt = x.scalar_type();
+  OV_CHECK_ARG_TYPE(xt == at::kBFloat16 || xt == at::kHalf || xt == at::kFloat, "unit_sumsq_",
+                    "x must be torch.bfloat16, torch.float16 or torch.float32, got ",
+                    dtype_name(xt));
+  OV_CHECK_ARG(unit_width > 0, "unit_sumsq_", "unit_width must be positive, got ", unit_width);
+  const int64_t T = x.size(1), C = x.size(2);
+  OV_CHECK_ARG(C % unit_width == 0, "unit_sumsq_", "x.shape[2] = ", C,
+               " channels is not a multiple of unit_width = ", unit_width);
+  OV_CHECK_ARG(segments.size() % 2 == 0, "unit_sumsq_",
+               "segments must be flat [start0, end0, start1, end1, ...] pairs, got ",
+               segments.size(), " values");
+  for (size_t i = 0; i < segments.size(); i += 2) {
+    const int64_t start = segments[i], end = segments[i + 1];
+    OV_CHECK_ARG(0 <= start && start <= end && end <= T, "unit_sumsq_", "segment ", i / 2,
+                 " = [", start, ", ", end, ") must satisfy 0 <= start <= end <= T = ", T);
+  }
+  OV_CHECK_ARG_TYPE(out.scalar_type() == at::kFloat, "unit_sumsq_",
+                    "out must be torch.float32, got ", dtype_name(out.scalar_type()));
+  const std::vector<int64_t> want = {x.size(0), static_cast<int64_t>(segments.size() / 2),
+                                     C / unit_width};
+  OV_CHECK_ARG(out.sizes() == at::IntArrayRef(want), "unit_sumsq_",
+               "out must have shape [B, S, C / unit_width] = ", at::IntArrayRef(want), ", got ",
+               out.sizes());
+  OV_CHECK_ARG(x.device() == out.device(), "unit_sumsq_",
+               "x and out must be on one device, got ", x.device(), " and ", out.device());
+  OV_CHECK_ARG(at::has_internal_overlap(out) != at::MemOverlap::Yes, "unit_sumsq_",
+               "out must not have overlapping memory (an expanded view, say): it is accumulated "
+               "in place");
+}
+
+}  // namespace otherview

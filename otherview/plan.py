@@ -229,6 +229,3 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def round_up(x: int, m: int) -> int:
-    """Return ``x`` rounded up to a multiple of ``m``."""
-    return int(math.ceil(x / m) * m)

@@ -1,0 +1,130 @@
+"""The command line: parses arguments, calls one function per command, turns known errors into exit codes.
+
+Exit codes: 0 success, 1 a bug (traceback shown), 2 a problem with the spec or its fit to the model,
+3 the model or device is not available here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from . import __version__
+
+EXIT_SPEC = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _load(path: str):
+    from .spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        _fail(exc.format(), EXIT_SPEC)
+
+
+def _plan(spec, model_override: str | None):
+    from .model import ModelUnavailable, architecture
+    from .plan import PlanError, build_plan
+
+    source = model_override or spec.model.source
+    try:
+        return build_plan(spec, architecture(source))
+    except PlanError as exc:
+        _fail(f"error: {exc}", EXIT_SPEC)
+    except ModelUnavailable as exc:
+        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+
+
+MODEL_OPTION = click.option("--model", "model_override", metavar="SOURCE",
+                            help="Override the spec's model: a hub id, a local folder, builtin:tiny or builtin:klein-4b.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="otherview")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug, e.g. each hook attached).")
+def main(verbose: int) -> None:
+    """otherview: ask a diffusion transformer a question at the level of its attention heads.
+
+    A spec (TOML) describes a paired-prompt probe; `otherview exec SPEC` runs it and writes a report.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+def validate(spec_path: str) -> None:
+    """Check SPEC and report every problem (exit 2 if any)."""
+    spec, _ = _load(spec_path)
+    click.echo(f"{spec_path}: ok ({len(spec.axis.fillers)} {spec.axis.name}, {len(spec.conditions)} conditions)")
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@MODEL_OPTION
+def plan(spec_path: str, model_override: str | None) -> None:
+    """Compile SPEC into its passes and print them, without loading weights."""
+    from .plan import describe
+
+    spec, _ = _load(spec_path)
+    click.echo(describe(_plan(spec, model_override)))
+
+
+@main.command(name="exec")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@MODEL_OPTION
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Parent of the run directory (default: the spec's output.dir).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def exec_(spec_path: str, model_override: str | None, out_dir: str | None, quiet: bool) -> None:
+    """Run SPEC end to end and write its run directory and report."""
+    from .capture import CaptureError
+    from .interpreter import execute
+    from .model import ModelUnavailable
+    from .plan import PlanError
+
+    spec, raw = _load(spec_path)
+    _plan(spec, model_override)  # fail fast, before any weights are touched
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+
+    try:
+        run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress)
+    except (PlanError, CaptureError) as exc:
+        _fail(f"error: {exc}", EXIT_SPEC)
+    except ModelUnavailable as exc:
+        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+    click.echo(str(run_dir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report(run_dir: str) -> None:
+    """Re-render RUN_DIR's report from its files, without the model."""
+    from .report import write_report
+
+    try:
+        click.echo(str(write_report(run_dir)))
+    except FileNotFoundError as exc:
+        _fail(f"error: {exc}", EXIT_SPEC)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of a spec (for editors)."""
+    from .spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))

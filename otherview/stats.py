@@ -1,0 +1,163 @@
+"""Statistics: paired differences, the paired t per unit, and the sign-flip null (after MNE-Python).
+
+The null goes through ``otherview.ops.signflip.signflip_null`` (compiled op, or its plain-PyTorch
+reference). Under sign flips the sum of squares of each unit's differences is invariant, so a flipped
+t is a monotone function of the flipped sum; the observed labelling is part of the null, so no
+p-value is 0 (Good 2005; Nichols & Holmes 2002; Winkler et al. 2014, PALM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .ops import signflip as signflip_ops
+from .plan import Plan
+
+
+class StatsError(ValueError):
+    """The data cannot be tested as given (e.g. it contains NaN)."""
+
+
+def paired_differences(rms: np.ndarray, plan: Plan) -> np.ndarray:
+    """Return d = a - b per pair and unit.
+
+    Parameters
+    ----------
+    rms : ndarray, shape (n_passes, n_units)
+        Per-pass RMS in the plan's pass order (all fillers of condition a, then of condition b).
+    plan : Plan
+
+    Returns
+    -------
+    d : ndarray, shape (n_pairs, n_units), float64
+    """
+    n = len(plan.spec.axis.fillers)
+    rms = np.asarray(rms, dtype=np.float64)
+    if rms.shape != (2 * n, plan.n_units):
+        raise StatsError(f"rms: expected shape {(2 * n, plan.n_units)}, got {rms.shape}")
+    return rms[:n] - rms[n:]
+
+
+def _check_finite(d: np.ndarray) -> None:
+    bad = ~np.isfinite(d)
+    if bad.any():
+        pairs, units = np.nonzero(bad)
+        raise StatsError(f"d: {bad.sum()} non-finite values (first at pair {pairs[0]}, unit {units[0]}); "
+                         "NaN or inf cannot be tested")
+
+
+def paired_t(d: np.ndarray) -> np.ndarray:
+    """Return the paired t of every unit.
+
+    t = mean(d) / (sd(d) / sqrt(N)), sd with N - 1 degrees of freedom.
+
+    Parameters
+    ----------
+    d : ndarray, shape (n_pairs, n_units)
+        Paired differences; must be finite.
+
+    Returns
+    -------
+    t : ndarray, shape (n_units,), float64
+        0 where every difference is 0 or N < 2; +-inf where the differences are a nonzero constant
+        (as scipy.stats.ttest_rel).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    if d.ndim != 2:
+        raise StatsError(f"d: expected shape (n_pairs, n_units), got {d.shape}")
+    _check_finite(d)
+    n = d.shape[0]
+    if n < 2:
+        return np.zeros(d.shape[1])
+    mean = d.mean(axis=0)
+    sd = d.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean / (sd / np.sqrt(n))
+    t[(sd == 0) & (mean == 0)] = 0.0
+    t[(sd == 0) & (mean != 0)] = np.sign(mean[(sd == 0) & (mean != 0)]) * np.inf
+    return t
+
+
+def effect_size(d: np.ndarray) -> np.ndarray:
+    """Return the paired Cohen's d_z = mean(d) / sd(d) of every unit, shape (n_units,)."""
+    d = np.asarray(d, dtype=np.float64)
+    sd = d.std(axis=0, ddof=1) if d.shape[0] > 1 else np.zeros(d.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dz = d.mean(axis=0) / sd
+    dz[~np.isfinite(dz)] = 0.0
+    return dz
+
+
+@dataclass
+class NullSummary:
+    """The sign-flip null of one run, with how it was made."""
+
+    result: "signflip_ops.NullResult"
+    method: str
+    exact: bool
+    thresholds: list[float]
+    quantile: float
+
+
+def choose_method(method: str, n_pairs: int, n_units: int, device: torch.device) -> str:
+    """Return "exact" or "random" for a spec's null.method ("auto": exact where the device affords it)."""
+    if method != "auto":
+        return method
+    return signflip_ops.auto_mode(n_pairs, n_units, device)
+
+
+def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: int, seed: int,
+                   quantile: float, device: torch.device | str = "cpu") -> NullSummary:
+    """Return the sign-flip null of the paired t over ``d`` (shape (n_pairs, n_units))."""
+    d = np.asarray(d, dtype=np.float64)
+    _check_finite(d)
+    device = torch.device(device)
+    chosen = choose_method(method, d.shape[0], d.shape[1], device)
+    dt = torch.as_tensor(d, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    result = signflip_ops.signflip_null(dt, list(thresholds), mode=chosen,
+                                        n_flips=flips if chosen == "random" else 0, seed=seed)
+    return NullSummary(result=result, method=chosen, exact=chosen == "exact", thresholds=list(thresholds),
+                       quantile=quantile)
+
+
+def card_table(t: np.ndarray, null: NullSummary) -> list[dict]:
+    """Return the card's Results rows: per threshold, units over it observed vs the null; then max |t|.
+
+    Returns
+    -------
+    rows : list of dict
+        ``metric, observed, fraction, null_mean, null_q, ratio`` (ratio = observed / null quantile,
+        None where the quantile is 0), and a last ``max |t|`` row with the null's mean and quantile of
+        the maximum over units (at histogram-bin resolution).
+    """
+    abs_t = np.abs(t)
+    res, q = null.result, null.quantile
+    rows = []
+    for k, c in enumerate(null.thresholds):
+        observed = int((abs_t > c).sum())
+        nq = float(res.count_quantile(k, q))
+        rows.append({"metric": f"units with |t|>{c:g}", "threshold": c, "observed": observed,
+                     "fraction": observed / max(len(t), 1), "null_mean": float(res.count_mean(k)), "null_q": nq,
+                     "ratio": observed / nq if nq > 0 else None})
+    rows.append({"metric": "max |t|", "threshold": None, "observed": float(abs_t.max()) if len(t) else 0.0,
+                 "fraction": None, "null_mean": float(res.max_t_mean()), "null_q": float(res.max_t_quantile(q)),
+                 "ratio": None})
+    return rows
+
+
+def block_summary(t: np.ndarray, plan: Plan, thresholds: list[float]) -> list[dict]:
+    """Return, per site (block), how many units exceed each threshold and the site's max |t|."""
+    abs_t = np.abs(t)
+    rows = []
+    for site in plan.sites:
+        sl = abs_t[site.unit_offset: site.unit_offset + site.n_units]
+        top = int(np.argmax(sl))
+        row = {"site": site.name, "stream": site.stream, "block": site.block, "units": site.n_units,
+               "max_abs_t": float(sl.max()), "top_unit": site.unit_offset + top}
+        for c in thresholds:
+            row[f"over_{c:g}"] = int((sl > c).sum())
+        rows.append(row)
+    return rows

@@ -13,7 +13,6 @@ attention head or MLP.
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass, field
 
 from .model import Architecture

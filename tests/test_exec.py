@@ -1,0 +1,101 @@
+"""``otherview exec`` end to end on the tiny model, the from_pretrained path, and the run directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otherview.cli import main
+from otherview.store import read_csv, read_tensors
+
+SPECS = Path(__file__).resolve().parent / "specs"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _exec(runner, spec, tmp_path, *extra):
+    result = runner.invoke(main, ["exec", str(spec), "--out", str(tmp_path / "runs"), *extra])
+    assert result.exit_code == 0, result.output
+    return Path(result.output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    return _exec(CliRunner(), SPECS / "pass" / "small.toml", tmp_path_factory.mktemp("exec"))
+
+
+def test_run_directory_is_complete(small_run):
+    names = {p.name for p in small_run.iterdir()}
+    assert {"manifest.json", "reference.png", "rms.safetensors", "null.safetensors", "units.csv", "summary.json",
+            "report.md"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    manifest = json.loads((small_run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["random_weights"] is True
+    assert manifest["spec_text"] == (SPECS / "pass" / "small.toml").read_text()
+    assert len(manifest["spec_hash"]) == 64 and manifest["seeds"] == {"reference": 1, "probe": 0, "null": 0}
+    assert manifest["versions"]["torch"] and manifest["device"]["device"] == "cpu"
+    assert manifest["null"]["exact"] is True and manifest["null"]["flips"] == 2 ** 5
+
+
+def test_arrays_and_table_agree(small_run):
+    arrays = read_tensors(small_run / "rms.safetensors")
+    rms, d, t = arrays["rms"], arrays["d"], arrays["t"]
+    assert rms.shape == (12, 10) and np.all(rms > 0) and np.all(np.isfinite(rms))
+    np.testing.assert_allclose(d, rms[:6].astype(np.float64) - rms[6:], rtol=1e-12)
+    rows = read_csv(small_run / "units.csv")
+    assert len(rows) == 10 and rows[0]["site"] == "transformer_blocks.0.attn.to_out.0"
+    np.testing.assert_allclose([float(r["t"]) for r in rows], t, rtol=1e-12)
+    assert {r["kind"] for r in rows} == {"attention", "mlp"}
+    p = np.array([float(r["p_uncorrected"]) for r in rows])
+    assert np.all(p >= 1 / 32) and np.all(p <= 1)  # the identity is part of the null: no p is 0
+
+
+def test_report_says_random_weights_and_has_the_card_table(small_run):
+    text = (small_run / "report.md").read_text()
+    assert "RANDOM WEIGHTS" in text.split("## Results")[0]
+    assert "| units with \\|t\\|>2 |" in text and "| max \\|t\\| |" in text
+    assert "exact: all 32 sign flips" in text
+
+
+def test_report_rerenders_without_the_model(runner, small_run):
+    before = (small_run / "report.md").read_text()
+    (small_run / "report.md").unlink()
+    result = runner.invoke(main, ["report", str(small_run)])
+    assert result.exit_code == 0, result.output
+    assert (small_run / "report.md").read_text() == before
+
+
+def test_same_spec_same_numbers(runner, small_run, tmp_path):
+    again = _exec(runner, SPECS / "pass" / "small.toml", tmp_path)
+    a, b = read_tensors(small_run / "rms.safetensors"), read_tensors(again / "rms.safetensors")
+    assert np.array_equal(a["rms"], b["rms"])
+
+
+def test_from_pretrained_local_folder(runner, tiny_folder, small_run, tmp_path):
+    """The real loading path: a pipeline saved with save_pretrained, loaded by from_pretrained."""
+    run = _exec(runner, SPECS / "pass" / "small.toml", tmp_path, "--model", str(tiny_folder))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["source"] == str(tiny_folder)
+    assert manifest["random_weights"] is True  # the saved folder carries the built-in marker
+    # Same seeded weights, saved and loaded: the same numbers as the built-in model.
+    a, b = read_tensors(small_run / "rms.safetensors"), read_tensors(run / "rms.safetensors")
+    np.testing.assert_allclose(a["rms"], b["rms"], rtol=1e-5)
+
+
+def test_unavailable_hub_model_names_the_fix(runner, tmp_path):
+    result = runner.invoke(main, ["exec", str(SPECS / "pass" / "small.toml"), "--out", str(tmp_path),
+                                  "--model", "black-forest-labs/FLUX.2-klein-base-4B"])
+    assert result.exit_code == 3
+    assert "builtin:klein-4b" in result.output and "local" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_python_dash_m_and_help():
+    out = subprocess.run([sys.executable, "-m", "otherview", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for command in ("exec", "validate", "plan", "schema", "report"):
+        assert command in out.stdout

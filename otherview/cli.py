@@ -85,15 +85,22 @@ def plan(spec_path: str, model_override: str | None) -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @MODEL_OPTION
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Parent of the run directory (default: the spec's output.dir).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), help="Override runtime.compile.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override probe.batch_size.")
+@click.option("--attention-backend", help="Override runtime.attention_backend (a diffusers backend name).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def exec_(spec_path: str, model_override: str | None, out_dir: str | None, quiet: bool) -> None:
+def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compile_: str | None,
+          batch_size: int | None, attention_backend: str | None, quiet: bool) -> None:
     """Run SPEC end to end and write its run directory and report."""
     from .capture import CaptureError
     from .interpreter import execute
     from .model import ModelUnavailable
     from .plan import PlanError
+    from .spec import with_overrides
 
     spec, raw = _load(spec_path)
+    spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
+                                 "runtime.attention_backend": attention_backend})
     _plan(spec, model_override)  # fail fast, before any weights are touched
     start = time.perf_counter()
 

@@ -25,7 +25,7 @@ from . import capture as capture_mod
 from . import model as model_mod
 from . import report as report_mod
 from . import stats, store
-from .plan import Plan, build_plan
+from .plan import Plan, PlanError, build_plan
 from .spec import Spec, spec_hash
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,20 @@ def auto_batch_size(plan: Plan, device: torch.device) -> int:
 @torch.no_grad()
 def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, cap: capture_mod.Capture,
                batch_size: int, on_batch: Callable[[int, np.ndarray], None] | None = None,
-               progress: Progress | None = None) -> np.ndarray:
-    """Return the per-pass, per-unit RMS, shape (n_passes, n_units), running the passes in batches."""
+               progress: Progress | None = None, forward: Callable | None = None,
+               max_batches: int | None = None) -> np.ndarray:
+    """Return the per-pass, per-unit RMS, shape (n_passes, n_units), running the passes in batches.
+
+    ``forward`` is the transformer to call (e.g. its ``torch.compile`` wrapper); the capture hooks
+    sit on the modules of ``loaded.pipe.transformer`` either way. A short last batch is padded by
+    repeating its last pass (results dropped) so every batch has one shape and a compiled graph is
+    reused rather than recompiled.
+    """
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
     pipe, dev, spec = loaded.pipe, loaded.device, plan.spec
-    transformer = pipe.transformer
+    transformer = forward if forward is not None else pipe.transformer
+    dtype = pipe.transformer.dtype
     steps, guidance = spec.probe.steps, spec.probe.guidance_scale
     cfg = guidance > 1 and not pipe.config.is_distilled
     out = np.zeros((len(plan.passes), plan.n_units), dtype=np.float32)
@@ -143,10 +151,12 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
                                          text_encoder_out_layers=plan.arch.text_encoder_out_layers)
         negative = negative.to(loaded.dtype)
     n_batches = math.ceil(len(plan.passes) / batch_size)
-    for k in range(n_batches):
+    for k in range(n_batches if max_batches is None else min(max_batches, n_batches)):
         batch = plan.passes[k * batch_size:(k + 1) * batch_size]
-        b = len(batch)
-        idx = torch.tensor([inputs.prompt_index[p.prompt] for p in batch], device=dev)
+        real = len(batch)
+        b = batch_size if n_batches > 1 else real
+        prompts = [p.prompt for p in batch] + [batch[-1].prompt] * (b - real)
+        idx = torch.tensor([inputs.prompt_index[p] for p in prompts], device=dev)
         embeds = inputs.prompt_embeds.index_select(0, idx)
         text_ids = inputs.text_ids.expand(b, -1, -1)
         latents = inputs.latents.expand(b, -1, -1).clone()
@@ -158,9 +168,9 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
         cap.reset(b)
-        for t in timesteps:
+        for step, t in enumerate(timesteps):
             timestep = t.expand(b).to(latents.dtype) / 1000
-            model_input = torch.cat([latents, ref], dim=1).to(transformer.dtype)
+            model_input = torch.cat([latents, ref], dim=1).to(dtype)
             cap.active = True
             cap.evaluations += 1
             noise = transformer(hidden_states=model_input, timestep=timestep, guidance=None, encoder_hidden_states=embeds,
@@ -173,15 +183,45 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
                                   encoder_hidden_states=negative.expand(b, -1, -1), txt_ids=text_ids, img_ids=img_ids,
                                   return_dict=False)[0][:, : latents.shape[1]]
                 noise = neg + guidance * (noise - neg)
-            latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-        rms = cap.rms().numpy()
+            if step < len(timesteps) - 1:  # the last step's latents are never used: no decode, no step
+                latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+        rms = cap.rms().numpy()[:real]
         start = batch[0].index
-        out[start:start + b] = rms
+        out[start:start + real] = rms
         if on_batch is not None:
-            on_batch(start + b, out)
+            on_batch(start + real, out)
         if progress is not None:
-            progress(f"probe batch {k + 1}/{n_batches}: passes {start + 1}-{start + b} of {len(plan.passes)}")
+            progress(f"probe batch {k + 1}/{n_batches}: passes {start + 1}-{start + real} of {len(plan.passes)}")
     return out
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """Return whether to ``torch.compile`` the transformer ("auto": on CUDA only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def compiled_transformer(loaded: model_mod.LoadedModel, backend: str = "inductor"):
+    """Return the transformer wrapped in ``torch.compile`` (made once per loaded model and reused).
+
+    Static shapes: every probe batch has one shape (the last is padded), so one graph serves all
+    of them; the capture hooks are traced into that graph, so they must be attached first.
+    """
+    key = f"compiled-{backend}"
+    if key not in loaded.cache:
+        loaded.cache[key] = torch.compile(loaded.pipe.transformer, dynamic=False, backend=backend)
+    return loaded.cache[key]
+
+
+def set_attention_backend(loaded: model_mod.LoadedModel, name: str) -> None:
+    """Select a diffusers attention backend by name ("default" leaves the model's own, SDPA)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    if name == "default":
+        return
+    known = [b.value for b in AttentionBackendName]
+    if name not in known:
+        raise PlanError(f"runtime.attention_backend: unknown backend '{name}' (known: {', '.join(known)})")
+    loaded.pipe.transformer.set_attention_backend(name)
 
 
 def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, null: stats.NullSummary) -> list[dict]:
@@ -200,8 +240,13 @@ def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, null: stats.NullSummary
 
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
-            out_dir: str | None = None, progress: Progress | None = None) -> Path:
-    """Run ``spec`` end to end and return its run directory."""
+            out_dir: str | None = None, progress: Progress | None = None,
+            loaded: model_mod.LoadedModel | None = None) -> Path:
+    """Run ``spec`` end to end and return its run directory.
+
+    ``loaded`` reuses a model already built or loaded from the spec's source (benchmarks and tests
+    run several specs on one model); otherwise the model is loaded here.
+    """
     say = progress or (lambda msg: log.info(msg))
     if model_override:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
@@ -220,7 +265,7 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"run directory {run_dir}")
     try:
-        _execute(plan, device, run_dir, manifest, phases, say)
+        _execute(plan, device, run_dir, manifest, phases, say, loaded)
     except BaseException as exc:
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=store.now())
         store.write_json(run_dir / "manifest.json", manifest)
@@ -228,12 +273,17 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     return run_dir
 
 
-def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress) -> None:
+def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
+             loaded: model_mod.LoadedModel | None) -> None:
     spec = plan.spec
-    with phases("load_model", device):
-        say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
-        loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
+    if loaded is None:
+        with phases("load_model", device):
+            say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
+            loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
     manifest["model"].update(loaded.info)
+    set_attention_backend(loaded, spec.runtime.attention_backend)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with phases("reference", device):
         say("reference image" + (f": {spec.reference.steps} steps, guidance {spec.reference.guidance_scale}"
                                  if spec.reference.prompt else f": {spec.reference.image}"))
@@ -249,11 +299,24 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     def checkpoint(done: int, rms: np.ndarray) -> None:
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[:done]}, {"passes_done": str(done)})
 
-    say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units")
-    with phases("probe", device):
-        with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel) as cap:
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say)
-    del loaded, inputs, buffer
+    compiled = use_compile(spec.runtime.compile, device)
+    manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
+                           "attention_backend": spec.runtime.attention_backend,
+                           "capture_kernel": spec.runtime.capture_kernel}
+    say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
+        + (", torch.compile (the first batch compiles)" if compiled else ""))
+    with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel) as cap:
+        forward = compiled_transformer(loaded, spec.runtime.compile_backend) if compiled else None
+        if compiled:
+            # One-time cost, timed apart: trace and compile on the first batch (its results are
+            # discarded; the probe phase recomputes it with the compiled graph).
+            with phases("compile", device):
+                run_probes(loaded, plan, inputs, cap, batch_size, forward=forward, max_batches=1)
+        with phases("probe", device):
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say, forward=forward)
+    if device.type == "cuda":
+        manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    del inputs, buffer
     with phases("statistics"):
         d = stats.paired_differences(rms, plan)
         t = stats.paired_t(d)

@@ -75,6 +75,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     info: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # e.g. the compiled transformer, reused across runs
 
 
 def builtin_names() -> list[str]:

@@ -97,7 +97,8 @@ def render(manifest: dict[str, Any], summary: dict[str, Any]) -> str:
               f"- device: {manifest['device'].get('gpu', manifest['device']['device'])}",
               f"- otherview git sha: `{manifest.get('git_sha')}`; torch {manifest['versions'].get('torch')}, "
               f"diffusers {manifest['versions'].get('diffusers')}",
-              f"- phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.get("phases", {}).items())]
+              f"- phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.get("phases", {}).items()
+                                                 if k != "report")]
     if manifest.get("resolution_note"):
         lines.append(f"- resolution: {manifest['resolution'][0]}x{manifest['resolution'][1]} ({manifest['resolution_note']})")
     return "\n".join(lines) + "\n"

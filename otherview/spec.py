@@ -124,10 +124,11 @@ class Null(_Strict):
 
 
 class Runtime(_Strict):
-    """Speed settings. Defaults are the fastest that keep the numbers right."""
+    """Speed settings. Defaults are the fastest that keep the numbers right (no fp8, no quantisation)."""
 
-    compile: bool = False
-    attention_backend: str = "default"
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile the transformer on CUDA
+    compile_backend: Annotated[str, Field(min_length=1)] = "inductor"  # a torch.compile backend
+    attention_backend: Annotated[str, Field(min_length=1)] = "default"  # a diffusers AttentionBackendName
     capture_kernel: Literal["auto", "compiled", "reference"] = "auto"
 
 
@@ -263,6 +264,17 @@ def spec_hash(spec: Spec) -> str:
     """Return the SHA-256 of the resolved spec (canonical JSON), the id a run is traced by."""
     canon = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def with_overrides(spec: Spec, overrides: dict[str, Any]) -> Spec:
+    """Return ``spec`` with ``{"section.key": value}`` overrides applied (None values are skipped)."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        part = getattr(spec, section).model_copy(update={key: value})
+        spec = spec.model_copy(update={section: part})
+    return spec
 
 
 def json_schema() -> dict[str, Any]:

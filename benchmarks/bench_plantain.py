@@ -1,0 +1,174 @@
+"""The plantain experiment end to end: the naive diffusers loop vs ``otherview exec``, one process, one device.
+
+1. naive: the loop the diffusers docs suggest. The reference image from one pipeline call, then one
+   pipeline call per probe prompt, image-conditioned on it (each call re-encodes its prompt and the
+   reference, and decodes its output with the VAE), with PyTorch forward pre-hooks that compute the
+   per-unit RMS and copy it to the host.
+2. otherview: ``otherview.interpreter.execute`` of the same spec on the same loaded model.
+
+Both capture the same quantity from the same noise, so the naive loop (eager, batch of one) is also
+the full-scale cross-path check of otherview's batched, compiled path: the per-unit RMS must agree
+within bf16 tolerance.
+
+Usage (GPU): ``python benchmarks/bench_plantain.py --model builtin:klein-4b``; ``--skip-naive`` runs
+otherview alone. Writes JSON lines to ``--out`` (default ``$OUT/bench_plantain.jsonl`` when $OUT is
+set) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from otherview import interpreter, model as model_mod, store  # noqa: E402
+from otherview.model import architecture  # noqa: E402
+from otherview.plan import build_plan  # noqa: E402
+from otherview.spec import load_spec, with_overrides  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def naive_loop(loaded, plan) -> tuple[dict[str, float], np.ndarray]:
+    """Return the naive loop's phase times and its per-pass, per-unit RMS (n_passes, n_units)."""
+    pipe, spec, dev = loaded.pipe, plan.spec, loaded.device
+    g = spec.capture.unit_width
+    layers = plan.arch.text_encoder_out_layers
+    times: dict[str, float] = {}
+    _sync(dev)
+    start = time.perf_counter()
+    image = pipe(prompt=spec.reference.prompt, height=plan.height, width=plan.width,
+                 num_inference_steps=spec.reference.steps, guidance_scale=spec.reference.guidance_scale,
+                 generator=torch.Generator("cpu").manual_seed(spec.reference.seed),
+                 max_sequence_length=plan.text_tokens, text_encoder_out_layers=layers).images[0]
+    _sync(dev)
+    times["reference"] = time.perf_counter() - start
+    rows: list[np.ndarray] = []
+    current: dict[str, np.ndarray] = {}
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            rms = x.float().pow(2).reshape(x.shape[0], x.shape[1], -1, g).mean(dim=(1, 3)).sqrt()
+            current[name] = rms.cpu().numpy()  # the host copy per hook that otherview avoids
+        return hook
+
+    handles = [pipe.transformer.get_submodule(s.name).register_forward_pre_hook(make_hook(s.name)) for s in plan.sites]
+    try:
+        start = time.perf_counter()
+        for p in plan.passes:
+            current.clear()
+            pipe(image=image, prompt=p.prompt, height=plan.height, width=plan.width,
+                 num_inference_steps=spec.probe.steps, guidance_scale=spec.probe.guidance_scale,
+                 generator=torch.Generator("cpu").manual_seed(spec.probe.seed), max_sequence_length=plan.text_tokens,
+                 text_encoder_out_layers=layers)
+            rows.append(np.concatenate([current[s.name][0] for s in plan.sites]))
+        _sync(dev)
+        times["probe"] = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    times["total"] = times["reference"] + times["probe"]
+    return times, np.stack(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "specs" / "plantain.toml"))
+    parser.add_argument("--model", default="builtin:klein-4b")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    spec, raw = load_spec(args.spec)
+    spec = with_overrides(spec, {"model.source": args.model, "runtime.compile": args.compile,
+                                 "probe.batch_size": args.batch_size})
+    plan = build_plan(spec, architecture(spec.model.source))
+    device = model_mod.resolve_device(spec.model.device)
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_plantain.jsonl") if os.environ.get("OUT") else None)
+    base = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "git_sha": store.git_sha(ROOT), "model": spec.model.source,
+            "resolution": [plan.height, plan.width], "passes": len(plan.passes), "units": plan.n_units}
+    rows = []
+
+    start = time.perf_counter()
+    loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
+    _sync(device)
+    rows.append({**base, "provider": "one-time", "phase": "build/load model", "seconds": time.perf_counter() - start})
+
+    naive_rms = None
+    if not args.skip_naive:
+        _peak_reset(device)
+        times, naive_rms = naive_loop(loaded, plan)
+        for phase, sec in times.items():
+            rows.append({**base, "provider": "naive loop", "phase": phase, "seconds": sec, "peak_gib": _peak(device)})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = interpreter.execute(spec, raw, args.spec, out_dir=tmp, loaded=loaded,
+                                      progress=lambda m: print(f"  otherview: {m}", flush=True))
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        ours_rms = store.read_tensors(run_dir / "rms.safetensors")["rms"]
+    phases = manifest["phases"]
+    for phase, sec in phases.items():
+        provider = "one-time" if phase == "compile" else "otherview"
+        rows.append({**base, "provider": provider, "phase": phase if phase != "compile" else "torch.compile + first batch",
+                     "seconds": sec, "batch_size": manifest.get("batch_size"), "null": manifest.get("null"),
+                     "peak_gib": manifest.get("peak_gpu_memory_gib")})
+    total = sum(v for k, v in phases.items() if k not in ("compile", "load_model"))
+    rows.append({**base, "provider": "otherview", "phase": "total (no load, no compile)", "seconds": total,
+                 "peak_gib": manifest.get("peak_gpu_memory_gib")})
+
+    check = None
+    if naive_rms is not None:
+        naive_total = next(r["seconds"] for r in rows if r["provider"] == "naive loop" and r["phase"] == "total")
+        rows.append({**base, "provider": "speedup", "phase": "naive total / otherview total", "seconds": None,
+                     "ratio": naive_total / total})
+        rel = np.abs(ours_rms.astype(np.float64) - naive_rms) / np.maximum(np.abs(naive_rms), 1e-30)
+        check = {"median_rel": float(np.median(rel)), "p99_rel": float(np.quantile(rel, 0.99)),
+                 "max_rel": float(rel.max()), "passed": bool(np.median(rel) < 1e-2 and np.quantile(rel, 0.99) < 5e-2)}
+        rows.append({**base, "provider": "cross-path check", "phase": "otherview vs naive eager batch-of-one RMS",
+                     "seconds": None, **check})
+
+    if out:
+        with open(out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(f"\n{base['device']}, torch {base['torch']}, {spec.model.source} (random weights), "
+          f"{plan.height}x{plan.width}, {len(plan.passes)} probe passes, {plan.n_units} units")
+    print(f"{'provider':<18} {'phase':<34} {'seconds':>9}  extra")
+    for r in rows:
+        sec = f"{r['seconds']:.3f}" if r.get("seconds") is not None else ""
+        extra = {k: r[k] for k in ("ratio", "peak_gib", "batch_size", "median_rel", "p99_rel", "max_rel", "passed")
+                 if r.get(k) is not None}
+        print(f"{r['provider']:<18} {r['phase']:<34} {sec:>9}  {extra if extra else ''}")
+    if check is not None and not check["passed"]:
+        sys.exit("cross-path check FAILED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+// signflip_null on the CPU, plus the preparation and finishing steps that every backend shares.
+//
+// The statistic: for a flip s in {+1,-1}^N the paired t of unit u depends on s only through
+// S_u = sum_i s_i q_iu, since Q_u = sum_i q_iu^2 is unchanged by sign flips:
+//   t^2 = S^2 (N-1) / (N Q - S^2),   |t| > c  <=>  |S| > c' sqrt(N Q),  c' = c / sqrt(N-1+c^2).
+// d is quantised once to int32 q (per-unit scale, max |q| = M = floor((2^31-1)/N), so |S| < 2^31),
+// and everything flip-dependent is then integer arithmetic:
+//   exceeds threshold k:  |S| > T_uk = floor(c'_k sqrt(N Q_u))            (int32 compare)
+//   exceed (p-value):     |S| >= |S_obs,u|                                 (int32 compare)
+//   r = |S| / sqrt(N Q):  r_fix = (|S| * K_u) >> 32, K_u = floor(2^56 / sqrt(N Q_u)),
+//                         r_fix = floor-ish(r * 2^24) in [0, 2^24]        (one 32x32->64 multiply)
+// The integers T, K, |S_obs| and r_obs come from signflip_prep (ATen float64 operations, which are
+// correctly rounded on every backend), so the CPU and CUDA kernels see identical integers and
+// return bitwise identical results. r is fixed point rather than float32 because on Hopper an
+// int-to-float conversion issues at 1/8 of the integer rate and would dominate the exact kernel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+
+namespace otherview {
+
+namespace {
+constexpr int64_t kMaxPairs = 4096;       // keeps K_u < 2^32 and the quantisation step small
+constexpr int64_t kMaxExactPairs = 40;    // 2^39 flips: ~5 h on an H100 at 16k units
+constexpr int64_t kMaxBins = int64_t(1) << 20;
+constexpr int kRBits = 24;                // r_fix = r * 2^24
+}  // namespace
+
+// Argument checks of signflip_null, run first by every backend; otherview/ops/signflip.py repeats
+// them word for word in its fake kernel and reference.
+void check_signflip_args(const at::Tensor& d, at::ArrayRef<double> thresholds,
+                         c10::string_view mode, int64_t n_flips, int64_t n_max_bins) {
+  OV_CHECK_ARG(d.dim() == 2, "signflip_null", "d must be 2-d [n_pairs, n_units], got shape ",
+               d.sizes());
+  OV_CHECK_ARG_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
+                    "signflip_null", "d must be torch.float32 or torch.float64, got ",
+                    dtype_name(d.scalar_type()));
+  const int64_t n = d.size(0);
+  OV_CHECK_ARG(n >= 1 && n <= kMaxPairs, "signflip_null", "d must have 1 to ", kMaxPairs,
+               " pairs (rows), got ", n);
+  OV_CHECK_ARG(d.size(1) >= 1, "signflip_null", "d must have at least one unit (column), got ",
+               d.size(1));
+  OV_CHECK_ARG(mode == "exact" || mode == "random", "signflip_null",
+               "mode must be \"exact\" or \"random\", got \"", std::string(mode), "\"");
+  if (mode == "exact") {
+    OV_CHECK_ARG(n <= kMaxExactPairs, "signflip_null", "exact mode enumerates 2^(n_pairs-1) flips "
+                 "and accepts at most ", kMaxExactPairs, " pairs, got ", n, "; use mode=\"random\"");
+  } else {
+    OV_CHECK_ARG(n_flips >= 1, "signflip_null",
+                 "random mode needs n_flips >= 1 (flip 0 is the identity), got ", n_flips);
+  }
+  for (size_t k = 0; k < thresholds.size(); ++k) {
+    OV_CHECK_ARG(std::isfinite(thresholds[k]) && thresholds[k] >= 0, "signflip_null",
+                 "thresholds must be finite and >= 0, got thresholds[", k, "] = ", thresholds[k]);
+  }
+  OV_CHECK_ARG(n_max_bins >= 1 && n_max_bins <= kMaxBins, "signflip_null",
+               "n_max_bins must be in [1, ", kMaxBins, "], got ", n_max_bins);
+}
+
+// Quantises d and derives every per-unit integer the kernels compare against. Runs on d's device
+// with ATen float64 ops (IEEE correctly rounded on CPU and CUDA alike, and no host sync), so both
+// backends get the same integers. Returns {q int32 [N, U], T int32 [K, U], a_obs int32 [U],
+// kinv int64 [U] (values < 2^32), r_obs int64 [U] (r_fix of the observed labelling)}.
+std::vector<at::Tensor> signflip_prep(const at::Tensor& d, at::ArrayRef<double> thresholds) {
+  const int64_t n = d.size(0);
+  const int64_t k_count = static_cast<int64_t>(thresholds.size());
+  const int64_t big = (int64_t(1) << 31) - 1;
+  // max |q| = M: N * M < 2^31 so S fits int32; N = 1 takes the M of N = 2 so that 2q fits too.
+  const double m = static_cast<double>(big / std::max<int64_t>(n, 2));
+  const at::Tensor d64 = d.to(at::kDouble);
+  const at::Tensor amax = d64.abs().amax(0);
+  // full_like(...).div: one correctly rounded division, as the Python reference does it.
+  const at::Tensor scale = at::where(amax > 0, at::full_like(amax, m).div(amax), at::zeros_like(amax));
+  const at::Tensor q64 = (d64 * scale).round().clamp(-m, m).to(at::kLong);
+  const at::Tensor q = q64.to(at::kInt).contiguous();
+  const at::Tensor qq = (q64 * q64).sum(0);               // Q_u < N M^2 < 2^62
+  const at::Tensor a_obs = q64.sum(0).abs();              // |S_obs| < 2^31
+  const at::Tensor sq = (qq * n).to(at::kDouble).sqrt();  // sqrt(N Q_u)
+  std::vector<double> cp(thresholds.size());
+  for (size_t k = 0; k < thresholds.size(); ++k) {
+    const double c = thresholds[k];
+    cp[k] = c / std::sqrt(static_cast<double>(n - 1) + c * c);
+  }
+  at::Tensor t_int;
+  at::Tensor kinv;
+  if (n < 2) {
+    // One pair: t is defined as 0, so nothing exceeds a threshold and r is 0 for every flip.
+    t_int = at::full({k_count, d.size(1)}, big, d.options().dtype(at::kInt));
+    kinv = at::zeros({d.size(1)}, d.options().dtype(at::kLong));
+  } else {
+    const at::Tensor cpt = at::tensor(cp, at::TensorOptions().dtype(at::kDouble)).to(d.device());
+    t_int = (cpt.unsqueeze(1) * sq.unsqueeze(0)).floor().to(at::kInt).contiguous();
+    // Q = 0 (all-zero unit): t = 0, r = 0; K_u = 0 makes every r_fix 0.
+    const double two56 = std::ldexp(1.0, 56);
+    const at::Tensor inv = at::full_like(sq, two56).div(sq).floor().clamp_max(4294967295.0);
+    kinv = at::where(sq > 0, inv, at::zeros_like(sq)).to(at::kLong);
+  }
+  const at::Tensor r_obs = (a_obs * kinv).div(int64_t(1) << 32, "floor");
+  return {q, t_int, a_obs.to(at::kInt).contiguous(), kinv.contiguous(), r_obs.contiguous()};
+}
+
+// fwer_exceed[u] = number of flips whose max r_fix >= r_obs[u], from fwer_bins[b] = number of
+// flips with exactly b observed values <= their max (b in [0, U]). A flip's max is >= r_obs[u]
+// iff more than lower_bound(r_obs[u]) sorted observed values are <= it.
+at::Tensor signflip_fwer_from_bins(const at::Tensor& fwer_bins, const at::Tensor& r_obs) {
+  const at::Tensor sorted = std::get<0>(r_obs.sort());
+  const at::Tensor lb = at::searchsorted(sorted, r_obs, /*out_int32=*/false, /*right=*/false);
+  // tail[b] = sum_{b' >= b} bins[b']; flips with ub > lb are tail[lb + 1].
+  const at::Tensor tail = fwer_bins.flip(0).cumsum(0).flip(0);
+  return tail.index_select(0, lb + 1);
+}
+
+namespace {
+
+constexpr int64_t kChunk = 4096;  // flips per task chunk (per-flip counters stay in L1/L2)
+
+inline uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Prep {
+  int64_t n, u, k, nb;
+  const int32_t* q;      // [N, U]
+  const int32_t* t;      // [K, U]
+  const int32_t* a_obs;  // [U]
+  std::vector<uint32_t> kinv;
+  std::vector<int64_t> r_sorted;  // sorted r_obs, for the fwer bins
+};
+
+struct Partial {  // one task's counts; integer sums, so merge order cannot change the result
+  std::vector<int64_t> count_hist, exceed, fwer_bins, max_hist;
+  explicit Partial(const Prep& p)
+      : count_hist(p.k * (p.u + 1), 0), exceed(p.u, 0), fwer_bins(p.u + 1, 0), max_hist(p.nb, 0) {}
+};
+
+// Scratch for one chunk: per-flip counts and maxima, and the state of one unit tile.
+struct Chunk {
+  std::vector<int32_t> cnt;   // [F, K]
+  std::vector<uint32_t> mx;   // [F]
+  std::vector<int32_t> s, a, ex;
+};
+
+// One flip over units [u0, u0 + w): given the flip's S in c.s, counts and maxima for flip f.
+inline void score_flip(const Prep& p, Chunk& c, int64_t u0, int64_t w, int64_t f) {
+  const int32_t* ao = p.a_obs + u0;
+  const uint32_t* kv = p.kinv.data() + u0;
+  int32_t* s = c.s.data();
+  int32_t* a = c.a.data();
+  int32_t* ex = c.ex.data();
+  uint32_t m = 0;
+  for (int64_t j = 0; j < w; ++j) {  // vectorisable: no branches, no cross-iteration state but m
+    const int32_t v = s[j] < 0 ? -s[j] : s[j];
+    a[j] = v;
+    ex[j] += v >= ao[j];
+    const uint32_t r = static_cast<uint32_t>((static_cast<uint64_t>(v) * kv[j]) >> 32);
+    m = r > m ? r : m;
+  }
+  c.mx[f] = std::max(c.mx[f], m);
+  for (int64_t k = 0; k < p.k; ++k) {
+    const int32_t* tk = p.t + k * p.u + u0;
+    int32_t n_over = 0;
+    for (int64_t j = 0; j < w; ++j) n_over += a[j] > tk[j];
+    c.cnt[f * p.k + k] += n_over;
+  }
+}
+
+// S of flip pattern `neg` (bit i-1 set: pair i negative; pair 0 positive) from scratch.
+inline void exact_start(const Prep& p, Chunk& c, int64_t u0, int64_t w, uint64_t neg) {
+  int32_t* s = c.s.data();
+  std::fill(s, s + w, 0);
+  for (int64_t i = 0; i < p.n; ++i) {
+    const int32_t* qi = p.q + i * p.u + u0;
+    const bool minus = i > 0 && ((neg >> (i - 1)) & 1);
+    if (minus) {
+      for (int64_t j = 0; j < w; ++j) s[j] -= qi[j];
+    } else {
+      for (int64_t j = 0; j < w; ++j) s[j] += qi[j];
+    }
+  }
+}
+
+// Exact flips [j0, j1) of the Gray enumeration: flip j is pattern g(j) = j ^ (j >> 1); going from
+// j-1 to j changes one sign, bit ctz(j), so S moves by +-2 q_i (one add per unit).
+void exact_chunk(const Prep& p, Chunk& c, Partial& part, int64_t j0, int64_t j1, int64_t tile) {
+  for (int64_t u0 = 0; u0 < p.u; u0 += tile) {
+    const int64_t w = std::min(tile, p.u - u0);
+    std::fill(c.ex.begin(), c.ex.begin() + w, 0);
+    const uint64_t g0 = static_cast<uint64_t>(j0) ^ (static_cast<uint64_t>(j0) >> 1);
+    exact_start(p, c, u0, w, g0);
+    score_flip(p, c, u0, w, 0);
+    int32_t* s = c.s.data();
+    for (int64_t j = j0 + 1; j < j1; ++j) {
+      const int bit = __builtin_ctzll(static_cast<uint64_t>(j));
+      const uint64_t g = static_cast<uint64_t>(j) ^ (static_cast<uint64_t>(j) >> 1);
+      const int32_t* qi = p.q + (bit + 1) * p.u + u0;
+      if ((g >> bit) & 1) {  // pair bit+1 turned negative
+        for (int64_t x = 0; x < w; ++x) s[x] -= 2 * qi[x];
+      } else {
+        for (int64_t x = 0; x < w; ++x) s[x] += 2 * qi[x];
+      }
+      score_flip(p, c, u0, w, j - j0);
+    }
+    for (int64_t x = 0; x < w; ++x) part.exceed[u0 + x] += c.ex[x];
+  }
+}
+
+// Random flips [f0, f1): flip f > 0 negates pair i when bit i % 64 of
+// mix64(mix64(mix64(seed) ^ f) ^ (i / 64)) is set; flip 0 is the identity. S is rebuilt per flip
+// as S_obs - 2 * (sum of the negated pairs' q).
+void random_chunk(const Prep& p, const std::vector<int32_t>& s_obs, Chunk& c, Partial& part,
+                  uint64_t seed_key, int64_t f0, int64_t f1, int64_t tile) {
+  const int64_t n_words = (p.n + 63) / 64;
+  std::vector<uint64_t> bits(static_cast<size_t>((f1 - f0) * n_words));
+  for (int64_t f = f0; f < f1; ++f) {
+    for (int64_t wd = 0; wd < n_words; ++wd) {
+      bits[(f - f0) * n_words + wd] =
+          f == 0 ? 0 : mix64(mix64(seed_key ^ static_cast<uint64_t>(f)) ^ static_cast<uint64_t>(wd));
+    }
+  }
+  for (int64_t u0 = 0; u0 < p.u; u0 += tile) {
+    const int64_t w = std::min(tile, p.u - u0);
+    std::fill(c.ex.begin(), c.ex.begin() + w, 0);
+    int32_t* s = c.s.data();
+    for (int64_t f = f0; f < f1; ++f) {
+      std::copy(s_obs.begin() + u0, s_obs.begin() + u0 + w, s);
+      const uint64_t* fb = bits.data() + (f - f0) * n_words;
+      for (int64_t i = 0; i < p.n; ++i) {
+        if (!((fb[i >> 6] >> (i & 63)) & 1)) continue;
+        const int32_t* qi = p.q + i * p.u + u0;
+        for (int64_t x = 0; x < w; ++x) s[x] -= 2 * qi[x];
+      }
+      score_flip(p, c, u0, w, f - f0);
+    }
+    for (int64_t x = 0; x < w; ++x) part.exceed[u0 + x] += c.ex[x];
+  }
+}
+
+// Histograms a finished chunk's per-flip counts and maxima into the task's partial counts.
+void flush_chunk(const Prep& p, const Chunk& c, Partial& part, int64_t n_chunk) {
+  for (int64_t f = 0; f < n_chunk; ++f) {
+    for (int64_t k = 0; k < p.k; ++k) part.count_hist[k * (p.u + 1) + c.cnt[f * p.k + k]] += 1;
+    const int64_t r = c.mx[f];
+    part.max_hist[std::min((r * p.nb) >> kRBits, p.nb - 1)] += 1;
+    const auto ub = std::upper_bound(p.r_sorted.begin(), p.r_sorted.end(), r) - p.r_sorted.begin();
+    part.fwer_bins[ub] += 1;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
+    const at::Tensor& d, at::ArrayRef<double> thresholds, c10::string_view mode, int64_t n_flips,
+    int64_t seed, int64_t n_max_bins) {
+  check_signflip_args(d, thresholds, mode, n_flips, n_max_bins);
+  TORCH_CHECK(d.device().is_cpu(), "signflip_null_cpu: d must be a CPU tensor");
+  const auto prep = signflip_prep(d, thresholds);
+  Prep p;
+  p.n = d.size(0);
+  p.u = d.size(1);
+  p.k = static_cast<int64_t>(thresholds.size());
+  p.nb = n_max_bins;
+  p.q = prep[0].data_ptr<int32_t>();
+  p.t = prep[1].data_ptr<int32_t>();
+  p.a_obs = prep[2].data_ptr<int32_t>();
+  const int64_t* kv = prep[3].data_ptr<int64_t>();
+  p.kinv.assign(kv, kv + p.u);
+  const int64_t* ro = prep[4].data_ptr<int64_t>();
+  p.r_sorted.assign(ro, ro + p.u);
+  std::sort(p.r_sorted.begin(), p.r_sorted.end());
+  std::vector<int32_t> s_obs(p.u, 0);
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t x = 0; x < p.u; ++x) s_obs[x] += p.q[i * p.u + x];
+
+  const bool exact = mode == "exact";
+  const int64_t total = exact ? (int64_t(1) << (p.n - 1)) : n_flips;
+  const int64_t n_chunks = (total + kChunk - 1) / kChunk;
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+  // Small tiles keep S, |S| and the per-unit integers in L1 while a chunk walks its flips.
+  const int64_t tile = std::min<int64_t>(p.u, 2048);
+  const uint64_t seed_key = mix64(static_cast<uint64_t>(seed));
+  std::vector<Partial> parts;
+  parts.reserve(n_tasks);
+  for (int64_t t = 0; t < n_tasks; ++t) parts.emplace_back(p);
+
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      Chunk c;
+      c.cnt.resize(kChunk * p.k);
+      c.mx.resize(kChunk);
+      c.s.resize(tile);
+      c.a.resize(tile);
+      c.ex.resize(tile);
+      // Contiguous chunk ranges per task; the result does not depend on the split.
+      for (int64_t ch = n_chunks * t / n_tasks; ch < n_chunks * (t + 1) / n_tasks; ++ch) {
+        const int64_t f0 = ch * kChunk, f1 = std::min(total, f0 + kChunk);
+        std::fill(c.cnt.begin(), c.cnt.end(), 0);
+        std::fill(c.mx.begin(), c.mx.end(), 0u);
+        if (exact) {
+          exact_chunk(p, c, parts[t], f0, f1, tile);
+        } else {
+          random_chunk(p, s_obs, c, parts[t], seed_key, f0, f1, tile);
+        }
+        flush_chunk(p, c, parts[t], f1 - f0);
+      }
+    }
+  });
+
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor count_hist = at::zeros({p.k, p.u + 1}, opts);
+  at::Tensor exceed = at::zeros({p.u}, opts);
+  at::Tensor fwer_bins = at::zeros({p.u + 1}, opts);
+  at::Tensor max_hist = at::zeros({p.nb}, opts);
+  auto add = [](at::Tensor& dst, const std::vector<int64_t>& src) {
+    int64_t* o = dst.data_ptr<int64_t>();
+    for (size_t i = 0; i < src.size(); ++i) o[i] += src[i];
+  };
+  for (const auto& part : parts) {  // fixed order (integer sums are exact in any order anyway)
+    add(count_hist, part.count_hist);
+    add(exceed, part.exceed);
+    add(fwer_bins, part.fwer_bins);
+    add(max_hist, part.max_hist);
+  }
+  at::Tensor fwer_exceed = signflip_fwer_from_bins(fwer_bins, prep[4]);
+  return {count_hist, exceed, fwer_exceed, max_hist};
+}
+
+}  // namespace otherview
+
+TORCH_LIBRARY_IMPL(otherview, CPU, m) { m.impl("signflip_null", &otherview::signflip_null_cpu); }

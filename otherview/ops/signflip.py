@@ -14,8 +14,8 @@ Winkler et al. 2014 "Permutation inference for the general linear model", PALM).
 
 Exactness. ``d`` is quantised once per unit to integers ``q = round(d * M / max_i |d_iu|)`` with
 ``M = floor((2^31 - 1) / max(N, 2))``, so every flipped sum fits int32 and the whole null is integer
-arithmetic: this changes each t by about 1e-7 relative or less (the quantisation step is
-``max |d| / M``, at most ~1.4e-8 of the unit's largest |d| for N = 30), and makes the result bitwise
+arithmetic: this changes each t by at most about 1e-7 of ``max(1, |t|)`` (the quantisation step is
+``max |d| / M``, ~1.4e-8 of the unit's largest |d| for N = 30), and makes the result bitwise
 identical on the CPU and CUDA and from run to run. Threshold ``k`` is exceeded when
 ``|S| > T_uk = floor(c'_k sqrt(N Q_u))`` (``c' = c / sqrt(N - 1 + c^2)``, strict); a flip counts
 toward unit ``u``'s p-value when ``|S| >= |S_obs|`` (ties with the observed value count); ``r`` is kept

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from otherview import interpreter, model as model_mod, store  # noqa: E402
+from otherview import interpreter, model as model_mod, stats, store  # noqa: E402
 from otherview.model import architecture  # noqa: E402
 from otherview.plan import build_plan  # noqa: E402
 from otherview.spec import load_spec, with_overrides  # noqa: E402
@@ -102,12 +102,15 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--null-method", choices=["auto", "exact", "random"], default="random",
+                        help="the timed run's null (default: the card's 200 random flips); the "
+                             "spec's 'auto' null is then timed on the same differences as an extra row")
     parser.add_argument("--out")
     args = parser.parse_args()
 
     spec, raw = load_spec(args.spec)
     spec = with_overrides(spec, {"model.source": args.model, "runtime.compile": args.compile,
-                                 "probe.batch_size": args.batch_size})
+                                 "probe.batch_size": args.batch_size, "null.method": args.null_method})
     plan = build_plan(spec, architecture(spec.model.source))
     device = model_mod.resolve_device(spec.model.device)
     out = args.out or (os.path.join(os.environ["OUT"], "bench_plantain.jsonl") if os.environ.get("OUT") else None)
@@ -132,16 +135,25 @@ def main() -> None:
         run_dir = interpreter.execute(spec, raw, args.spec, out_dir=tmp, loaded=loaded,
                                       progress=lambda m: print(f"  otherview: {m}", flush=True))
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        ours_rms = store.read_tensors(run_dir / "rms.safetensors")["rms"]
+        arrays = store.read_tensors(run_dir / "rms.safetensors")
+        ours_rms = arrays["rms"]
     phases = manifest["phases"]
+    one_time = {"compile": "torch.compile: reference graph", "compile_probe": "torch.compile: probe graph + batch"}
     for phase, sec in phases.items():
-        provider = "one-time" if phase == "compile" else "otherview"
-        rows.append({**base, "provider": provider, "phase": phase if phase != "compile" else "torch.compile + first batch",
-                     "seconds": sec, "batch_size": manifest.get("batch_size"), "null": manifest.get("null"),
-                     "peak_gib": manifest.get("peak_gpu_memory_gib")})
-    total = sum(v for k, v in phases.items() if k not in ("compile", "load_model"))
+        rows.append({**base, "provider": "one-time" if phase in one_time else "otherview",
+                     "phase": one_time.get(phase, phase), "seconds": sec, "batch_size": manifest.get("batch_size"),
+                     "null": manifest.get("null"), "peak_gib": manifest.get("peak_gpu_memory_gib")})
+    total = sum(v for k, v in phases.items() if k not in one_time and k != "load_model")
     rows.append({**base, "provider": "otherview", "phase": "total (no load, no compile)", "seconds": total,
                  "peak_gib": manifest.get("peak_gpu_memory_gib")})
+
+    _sync(device)
+    start = time.perf_counter()
+    auto = stats.sign_flip_null(arrays["d"], spec.null.thresholds, "auto", spec.null.flips, spec.null.seed,
+                                spec.null.quantile, device)
+    _sync(device)
+    rows.append({**base, "provider": "otherview", "phase": f"null 'auto' alone ({auto.method}, {auto.result.n_flips:,} flips)",
+                 "seconds": time.perf_counter() - start})
 
     check = None
     if naive_rms is not None:

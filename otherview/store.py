@@ -105,6 +105,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def git_sha(cwd: Path | None = None) -> str | None:
     """Return the git commit of otherview's source tree (with ``-dirty`` if modified), or None."""
+    if os.environ.get("OTHERVIEW_GIT_SHA"):  # a copy of the tree without .git (e.g. a GPU machine)
+        return os.environ["OTHERVIEW_GIT_SHA"]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)

@@ -284,7 +284,7 @@ def _from_pretrained(source: str, dtype: torch.dtype):
     from diffusers import Flux2KleinPipeline
 
     try:
-        return Flux2KleinPipeline.from_pretrained(source, torch_dtype=dtype)
+        return Flux2KleinPipeline.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None

@@ -224,18 +224,19 @@ def set_attention_backend(loaded: model_mod.LoadedModel, name: str) -> None:
     loaded.pipe.transformer.set_attention_backend(name)
 
 
-def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, null: stats.NullSummary) -> list[dict]:
-    p_unc = null.result.p_uncorrected
-    p_fwer = null.result.p_fwer
+def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: report_mod.inference.UnitInference) -> list[dict]:
+    """Return units.csv's rows: where each unit sits, its effect (mean d, t, d_z and interval) and p-values."""
     mean_d = d.mean(axis=0)
-    dz = stats.effect_size(d)
     rows = []
     for u in plan.units:
         i = u.index
         rows.append({"unit": i, "site": u.site, "stream": u.stream, "block": u.block, "channel_start": u.channel_start,
                      "channel_end": u.channel_end, "kind": u.kind, "head": u.head, "subgroup": u.subgroup,
-                     "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(dz[i]),
-                     "p_uncorrected": float(p_unc[i]), "p_fwer": float(p_fwer[i])})
+                     "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
+                     "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
+                     "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]), "q": float(inf.q[i]),
+                     "axis_rho": float(inf.axis.rho[i]), "axis_p": float(inf.axis.p_uncorrected[i]),
+                     "axis_p_fwer": float(inf.axis.p_fwer[i]), "axis_q": float(inf.axis_q[i])})
     return rows
 
 
@@ -323,6 +324,8 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         say(f"sign-flip null ({spec.null.method})")
         null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
                                     spec.null.quantile, device)
+        say(f"per-unit inference and the {spec.axis.name} axis null")
+        inf = report_mod.inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed)
     with phases("write"):
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t},
                             {"passes_done": str(len(plan.passes))})
@@ -330,8 +333,11 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         store.write_tensors(run_dir / "null.safetensors", {"count_hist": res.count_hist, "exceed": res.exceed,
                                                            "fwer_exceed": res.fwer_exceed, "max_hist": res.max_hist},
                             {"mode": res.mode, "n_flips": str(res.n_flips)})
-        store.write_csv(run_dir / "units.csv", _unit_rows(plan, d, t, null))
-        summary = report_mod.summarise(plan, d, t, null)
+        store.write_tensors(run_dir / "inference.safetensors", inf.arrays(),
+                            {"axis_permutations": str(inf.axis.n_permutations), "axis_exact": str(inf.axis.exact),
+                             "axis_seed": str(inf.axis.seed)})
+        store.write_csv(run_dir / "units.csv", _unit_rows(plan, d, t, inf))
+        summary = report_mod.summarise(plan, d, t, null, inf)
         store.write_json(run_dir / "summary.json", summary)
     manifest.update(status="complete", finished=store.now(), null={"method": null.method, "exact": null.exact,
                                                                      "flips": null.result.n_flips})

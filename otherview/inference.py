@@ -1,0 +1,316 @@
+"""Per-unit inference beyond the t: effect sizes with intervals, FDR q-values, the graded axis, summaries.
+
+``stats`` gives each unit's paired t and the sign-flip null (uncorrected and max-|t| family-wise
+p-values). This module adds, per unit, Cohen's d_z with a 95% interval, the Benjamini-Hochberg q of
+the sign-flip p-value, and the rank correlation of the unit's differences with the fillers' position
+on the axis, tested against its own permutation null; and, per site, stream and kind, the fraction of
+units over each |t| threshold and significant after correction. Everything is numpy (no scipy at run
+time; scipy checks these functions in the tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from . import stats
+from .plan import Plan
+
+ALPHA = 0.05
+AXIS_PERMUTATIONS = 10_000  # random permutations of the axis null when N! is larger than this
+CI_LEVEL = 0.95
+# Permuted statistics equal to the observed one up to rounding count as "at least as extreme": a
+# GEMM over a permuted covariate may differ from the identity's product in the last bits.
+_TIE_TOL = 1e-10
+
+
+def bh_fdr(p: np.ndarray) -> np.ndarray:
+    """Return Benjamini-Hochberg adjusted p-values (q-values), in the order of ``p``.
+
+    q_(i) = min_{j >= i} min(1, m p_(j) / j) over the sorted p-values (the step-up procedure:
+    rejecting every q <= alpha is BH at level alpha). Controls the false discovery rate at
+    alpha m0/m for independent or positively dependent (PRDS) tests (Benjamini & Hochberg 1995;
+    Benjamini & Yekutieli 2001).
+
+    Parameters
+    ----------
+    p : ndarray, shape (m,)
+        p-values in [0, 1]; NaN is rejected.
+
+    Returns
+    -------
+    q : ndarray, shape (m,), float64
+        Monotone in p: p_i <= p_j implies q_i <= q_j.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1:
+        raise stats.StatsError(f"p: expected shape (m,), got {p.shape}")
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise stats.StatsError("p: p-values must lie in [0, 1] (no NaN)")
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    q = np.empty(m)
+    q[order] = q_sorted
+    return q
+
+
+def dz_interval(d_z: np.ndarray, n: int, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Return the normal-approximation interval of the paired Cohen's d_z.
+
+    SE(d_z) = sqrt(1/N + d_z^2 / (2N)) (the large-sample variance of a standardised mean,
+    Hedges & Olkin 1985, ch. 5; for d_z: Goulet-Pelletier & Cousineau 2018); the interval is
+    d_z +- z_{(1+level)/2} SE. Close to the exact noncentral-t interval for N >= 20 and |d_z| <= 2;
+    narrower than it for small N or large effects.
+
+    Parameters
+    ----------
+    d_z : ndarray, shape (n_units,)
+    n : int
+        Number of pairs N (>= 2).
+    level : float
+        Coverage, in (0, 1).
+
+    Returns
+    -------
+    low, high : ndarray, shape (n_units,)
+    """
+    d_z = np.asarray(d_z, dtype=np.float64)
+    if n < 2:
+        return np.full(d_z.shape, -np.inf), np.full(d_z.shape, np.inf)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    se = np.sqrt(1.0 / n + d_z**2 / (2.0 * n))
+    return d_z - z * se, d_z + z * se
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Return 1-based ranks along axis 0, ties given their average rank (as scipy.stats.rankdata).
+
+    Parameters
+    ----------
+    x : ndarray, shape (n,) or (n, n_columns)
+
+    Returns
+    -------
+    ranks : ndarray, same shape as ``x``, float64
+    """
+    x = np.asarray(x, dtype=np.float64)
+    flat = x.reshape(x.shape[0], -1)
+    n = flat.shape[0]
+    order = np.argsort(flat, axis=0, kind="stable")
+    xs = np.take_along_axis(flat, order, axis=0)
+    pos = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None], xs.shape)
+    starts = np.ones(xs.shape, dtype=bool)
+    starts[1:] = xs[1:] != xs[:-1]
+    ends = np.ones(xs.shape, dtype=bool)
+    ends[:-1] = starts[1:]
+    first = np.maximum.accumulate(np.where(starts, pos, 0.0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, pos, n)[::-1], axis=0)[::-1]
+    ranks = np.empty_like(xs)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
+    return ranks.reshape(x.shape)
+
+
+def _unit_vectors(r: np.ndarray) -> np.ndarray:
+    """Centre columns and scale them to unit norm (zero columns stay zero)."""
+    c = r - r.mean(axis=0)
+    norm = np.sqrt((c * c).sum(axis=0))
+    return np.divide(c, norm, out=np.zeros_like(c), where=norm > 0)
+
+
+@dataclass
+class AxisNull:
+    """Spearman correlation of each unit's differences with the axis, and its permutation null."""
+
+    rho: np.ndarray  # (n_units,) observed Spearman correlation
+    p_uncorrected: np.ndarray  # (n_units,) two-sided permutation p
+    p_fwer: np.ndarray  # (n_units,) max-|rho| family-wise p
+    max_null: np.ndarray  # (n_permutations,) max over units of |rho| per permutation (identity first)
+    n_permutations: int
+    exact: bool
+    seed: int
+
+
+def _permutations(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Return permutations of range(n), identity first: all n! when n! <= n_perm, else seeded random."""
+    if math.factorial(n) <= n_perm:
+        return np.array(list(itertools.permutations(range(n))), dtype=np.int64).reshape(-1, n), True
+    rng = np.random.default_rng(seed)
+    rest = rng.permuted(np.tile(np.arange(n), (n_perm - 1, 1)), axis=1)
+    return np.vstack([np.arange(n)[None], rest]), False
+
+
+def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PERMUTATIONS, seed: int = 0,
+                     chunk_elements: int = 1 << 23) -> AxisNull:
+    """Return each unit's Spearman correlation with the axis and its permutation p-values.
+
+    rho_u is the Pearson correlation of the ranks of d[:, u] with the ranks of the covariate (ties
+    averaged). Under H0 (the differences do not depend on the filler's position) the covariate's
+    ranks are exchangeable across pairs, so permuting them gives the null (Pitman 1937; Nichols &
+    Holmes 2002). With both rank vectors centred and scaled to unit norm, the permuted correlations
+    of every unit are one GEMM, [P, N] @ [N, U]. The identity is the first permutation, so no p is
+    0; p_fwer compares each |rho_u| with the per-permutation maximum over units (Westfall & Young
+    1993). Exact (all N! permutations) when N! <= ``n_perm``; otherwise ``n_perm`` - 1 seeded
+    random ones plus the identity.
+
+    Parameters
+    ----------
+    d : ndarray, shape (n_pairs, n_units)
+        Paired differences; finite.
+    covariate : ndarray, shape (n_pairs,)
+        Each pair's position on the axis (``Spec.ranks()``).
+    n_perm : int
+        Permutations (including the identity) when not exact.
+    seed : int
+        Seed of numpy's default generator for the random permutations.
+    chunk_elements : int
+        Bound on the [permutations, units] block held at once.
+
+    Returns
+    -------
+    AxisNull
+        rho = 0 and p = 1 for units (or covariates) without variance, and for N < 3.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    covariate = np.asarray(covariate, dtype=np.float64)
+    if d.ndim != 2 or covariate.shape != (d.shape[0],):
+        raise stats.StatsError(f"d, covariate: expected shapes (N, U) and (N,), got {d.shape}, {covariate.shape}")
+    n, u = d.shape
+    if not np.isfinite(d).all() or not np.isfinite(covariate).all():
+        raise stats.StatsError("d, covariate: non-finite values cannot be ranked")
+    if n < 3:
+        return AxisNull(np.zeros(u), np.ones(u), np.ones(u), np.zeros(1), 1, True, seed)
+    rd = _unit_vectors(average_ranks(d))
+    rx = _unit_vectors(average_ranks(covariate)[:, None])[:, 0]
+    rho = rx @ rd
+    perms, exact = _permutations(n, n_perm, seed)
+    threshold = np.abs(rho) - _TIE_TOL
+    exceed = np.zeros(u, dtype=np.int64)
+    max_null = np.empty(len(perms))
+    step = max(1, chunk_elements // max(u, 1))
+    for start in range(0, len(perms), step):
+        block = np.abs(rx[perms[start:start + step]] @ rd)
+        exceed += (block >= threshold).sum(axis=0)
+        max_null[start:start + step] = block.max(axis=1)
+    fwer = (max_null[:, None] >= threshold[None]).sum(axis=0)
+    return AxisNull(rho, exceed / len(perms), fwer / len(perms), max_null, len(perms), exact, seed)
+
+
+@dataclass
+class UnitInference:
+    """Every per-unit statistic beyond t, for the unit table, the summary and the figures."""
+
+    d_z: np.ndarray  # (n_units,)
+    d_z_low: np.ndarray  # (n_units,)
+    d_z_high: np.ndarray  # (n_units,)
+    p_uncorrected: np.ndarray  # (n_units,) sign-flip
+    p_fwer: np.ndarray  # (n_units,) max-|t| sign-flip
+    q: np.ndarray  # (n_units,) BH of p_uncorrected
+    axis: AxisNull
+    axis_q: np.ndarray  # (n_units,) BH of the axis p
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Return the arrays to store in the run directory (``inference.safetensors``)."""
+        return {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
+                "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
+                "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
+
+
+def infer(d: np.ndarray, null: stats.NullSummary, covariate: np.ndarray, seed: int,
+          n_perm: int = AXIS_PERMUTATIONS) -> UnitInference:
+    """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null."""
+    d = np.asarray(d, dtype=np.float64)
+    d_z = stats.effect_size(d)
+    low, high = dz_interval(d_z, d.shape[0])
+    p = np.asarray(null.result.p_uncorrected, dtype=np.float64)
+    p_fwer = np.asarray(null.result.p_fwer, dtype=np.float64)
+    axis = axis_correlation(d, covariate, n_perm=n_perm, seed=seed)
+    return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected))
+
+
+def _group_row(name: str, idx: np.ndarray, t: np.ndarray, inf: UnitInference, thresholds: list[float],
+               alpha: float) -> dict:
+    abs_t = np.abs(t[idx])
+    n = len(idx)
+    row: dict = {"group": name, "units": n}
+    for c in thresholds:
+        row[f"over_{c:g}"] = int((abs_t > c).sum())
+    row["fwer"] = int((inf.p_fwer[idx] <= alpha).sum())
+    row["fdr"] = int((inf.q[idx] <= alpha).sum())
+    row["axis_fwer"] = int((inf.axis.p_fwer[idx] <= alpha).sum())
+    row["axis_fdr"] = int((inf.axis_q[idx] <= alpha).sum())
+    row["max_abs_t"] = float(abs_t.max()) if n else 0.0
+    row["top_unit"] = int(idx[np.argmax(abs_t)]) if n else -1
+    return row
+
+
+def site_label(stream: str, block: int, kind: str) -> str:
+    """Return a site's short label: D2 (double, image stream), D2t (double, text stream), S7 (single)."""
+    return f"S{block}" if stream == "single" else f"D{block}" + ("t" if kind == "text" else "")
+
+
+def group_summaries(plan: Plan, t: np.ndarray, inf: UnitInference, alpha: float = ALPHA) -> dict[str, list[dict]]:
+    """Return per-site, per-stream, per-kind and per stream-and-kind counts of responding units.
+
+    Each row (``all`` holds one, over every unit): ``group, units, over_<c>`` (|t| > c, per threshold),
+    ``fwer`` (sign-flip max-|t| p <= alpha), ``fdr`` (BH q <= alpha), ``axis_fwer``, ``axis_fdr``,
+    ``max_abs_t``, ``top_unit``; site rows add ``site, label, stream, block, kind, attention_units`` and
+    ``over_<c>_attention`` (the attention-channel part of ``over_<c>``).
+
+    Parameters
+    ----------
+    plan : Plan
+    t : ndarray, shape (n_units,)
+    inf : UnitInference
+    alpha : float
+        Significance level of the corrected p-values and q-values.
+
+    Returns
+    -------
+    groups : dict
+        ``sites``, ``streams``, ``kinds``, ``stream_kinds`` and ``all``, each a list of rows.
+    """
+    thresholds = list(plan.spec.null.thresholds)
+    stream_of = np.array([u.stream for u in plan.units])
+    kind_of = np.array([u.kind for u in plan.units])
+    sites = []
+    for s in plan.sites:
+        idx = np.arange(s.unit_offset, s.unit_offset + s.n_units)
+        row = _group_row(s.name, idx, t, inf, thresholds, alpha)
+        row.update(site=s.name, label=site_label(s.stream, s.block, s.kind), stream=s.stream, block=s.block,
+                   kind=s.kind, attention_units=int((kind_of[idx] == "attention").sum()))
+        for c in thresholds:  # attention / MLP split of the threshold counts, for the per-block bars
+            row[f"over_{c:g}_attention"] = int((np.abs(t[idx]) > c)[kind_of[idx] == "attention"].sum())
+        sites.append(row)
+    groups: dict[str, list[dict]] = {"sites": sites, "streams": [], "kinds": [], "stream_kinds": [],
+                                     "all": [_group_row("all", np.arange(plan.n_units), t, inf, thresholds, alpha)]}
+    for stream in ("double", "single"):
+        if (stream_of == stream).any():
+            groups["streams"].append(_group_row(stream, np.flatnonzero(stream_of == stream), t, inf, thresholds, alpha))
+    for kind in ("attention", "mlp"):
+        if (kind_of == kind).any():
+            groups["kinds"].append(_group_row(kind, np.flatnonzero(kind_of == kind), t, inf, thresholds, alpha))
+    for stream, kind in itertools.product(("double", "single"), ("attention", "mlp")):
+        idx = np.flatnonzero((stream_of == stream) & (kind_of == kind))
+        if len(idx):
+            groups["stream_kinds"].append(_group_row(f"{stream} {kind}", idx, t, inf, thresholds, alpha))
+    return groups
+
+
+def strongest_site(sites: list[dict], thresholds: list[float]) -> dict | None:
+    """Return the site row with the largest share of family-wise significant units.
+
+    Ties (e.g. every unit significant) go to the larger share over the highest threshold, then to
+    the larger max |t|.
+    """
+    if not sites:
+        return None
+    top = f"over_{thresholds[-1]:g}"
+    return max(sites, key=lambda r: (r["fwer"] / r["units"], r[top] / r["units"], r["max_abs_t"]))

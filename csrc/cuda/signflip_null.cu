@@ -45,6 +45,7 @@ constexpr int kTreeTile = kTreeThreads * kTreeUnits;   // units per tile; U is p
 constexpr int kExplicitThreads = 128;                  // one unit per thread
 constexpr int kGroup = 4;                              // pairs per partial-sum table
 constexpr int kTableMaxPairs = 64;
+constexpr int kBatch = 8;                              // flips per batch in explicit_kernel
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -233,11 +234,14 @@ explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exa
   uint64_t* words = reinterpret_cast<uint64_t*>(mx + flips_per_block + (flips_per_block & 1));
   int32_t* tab = reinterpret_cast<int32_t*>(words + (int64_t)flips_per_block * nw);  // [G*16, T]
   for (int i = threadIdx.x; i < flips_per_block * (KM + 1); i += blockDim.x) smem[i] = 0;
-  for (int i = threadIdx.x; i < nf * nw; i += blockDim.x) {
+  for (int i = threadIdx.x; i < flips_per_block * nw; i += blockDim.x) {
     const uint64_t f = (uint64_t)(f_start + i / nw);
     const uint64_t w = (uint64_t)(i % nw);
-    // exact: pair i >= 1 negated when bit i-1 of the Gray code is set (N <= 5: one word)
-    words[i] = exact ? ((f ^ (f >> 1)) << 1) : (f == 0 ? 0ull : mix64(mix64(key ^ f) ^ w));
+    // exact: pair i >= 1 negated when bit i-1 of the Gray code is set (N <= 5: one word).
+    // Words past the chunk's last flip are 0 (the batches of 8 may read them).
+    words[i] = i / nw >= nf ? 0ull
+               : exact    ? ((f ^ (f >> 1)) << 1)
+                          : (f == 0 ? 0ull : mix64(mix64(key ^ f) ^ w));
   }
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -246,8 +250,9 @@ explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exa
   for (int tile0 = 0; tile0 < p.upad; tile0 += kExplicitThreads) {
     const int u = tile0 + threadIdx.x;
     int32_t s_obs = 0;
-    for (int i = 0; i < p.n; ++i) s_obs += p.q[(int64_t)i * p.upad + u];
-    if (table) {
+    if (!table) {
+      for (int i = 0; i < p.n; ++i) s_obs += p.q[(int64_t)i * p.upad + u];
+    } else {
       // Each thread writes and reads only its own column of tab: no barrier needed.
       for (int g = 0; g < groups; ++g) {
         for (int pat = 0; pat < 16; ++pat) {
@@ -274,33 +279,49 @@ explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exa
 #pragma unroll
       for (int kk = 0; kk < KM; ++kk) acc[kk] = 0;
       const int nb32 = min(32, nf - fb);
-#pragma unroll 2
-      for (int l = 0; l < nb32; ++l) {
-        const uint64_t* fw = words + (int64_t)(fb + l) * nw;
-        int32_t sv;
+      // Eight flips at a time: their table loads are independent, which is what hides the
+      // shared-memory latency (one block holds few warps: the tables take most of the SM).
+      for (int b8 = 0; b8 < nb32; b8 += kBatch) {
+        int32_t sv[kBatch];
         if (table) {
-          const uint64_t w = fw[0];
-          sv = 0;
-#pragma unroll 4
+          uint64_t w[kBatch];
+#pragma unroll
+          for (int l = 0; l < kBatch; ++l) {
+            w[l] = words[(int64_t)(fb + b8 + l) * nw];
+            sv[l] = 0;
+          }
+#pragma unroll 2
           for (int g = 0; g < groups; ++g) {
-            sv += col[((g << 4) + (int)((w >> (g * kGroup)) & 15)) * kExplicitThreads];
+            const int32_t* tg = col + (g << 4) * kExplicitThreads;
+#pragma unroll
+            for (int l = 0; l < kBatch; ++l) {
+              sv[l] += tg[(int)((w[l] >> (g * kGroup)) & 15) * kExplicitThreads];
+            }
           }
         } else {
-          sv = s_obs;
+#pragma unroll
+          for (int l = 0; l < kBatch; ++l) sv[l] = s_obs;
           for (int i = 0; i < p.n; ++i) {
-            if ((fw[i >> 6] >> (i & 63)) & 1) sv -= 2 * p.q[(int64_t)i * p.upad + u];
+            const int32_t q2 = 2 * p.q[(int64_t)i * p.upad + u];
+#pragma unroll
+            for (int l = 0; l < kBatch; ++l) {
+              if ((words[(int64_t)(fb + b8 + l) * nw + (i >> 6)] >> (i & 63)) & 1) sv[l] -= q2;
+            }
           }
         }
-        const int32_t a = abs(sv);
-        ex += a >= ao;
-        const uint32_t r = __umulhi((uint32_t)a, kv);
 #pragma unroll
-        for (int kk = 0; kk < KM; ++kk) {
-          const int32_t v = __reduce_add_sync(0xffffffffu, (int32_t)(a > thr[kk]));
-          if (lane == l) acc[kk] = v;
+        for (int l = 0; l < kBatch; ++l) {
+          const int32_t a = abs(sv[l]);
+          ex += (a >= ao) & (b8 + l < nb32);  // the batch may run past the chunk's last flip
+          const uint32_t r = __umulhi((uint32_t)a, kv);
+#pragma unroll
+          for (int kk = 0; kk < KM; ++kk) {
+            const int32_t v = __reduce_add_sync(0xffffffffu, (int32_t)(a > thr[kk]));
+            if (lane == b8 + l) acc[kk] = v;
+          }
+          const uint32_t vm = __reduce_max_sync(0xffffffffu, r);
+          if (lane == b8 + l) accm = vm;
         }
-        const uint32_t vm = __reduce_max_sync(0xffffffffu, r);
-        if (lane == l) accm = vm;
       }
       if (lane < nb32) {
 #pragma unroll
@@ -333,7 +354,8 @@ void launch(const Units& p, const Outputs& o, bool exact, int64_t total, uint64_
   const bool table = p.n <= kTableMaxPairs;
   const int nw = (p.n + 63) / 64;
   const int groups = (p.n + kGroup - 1) / kGroup;
-  const int per_block = (int)std::max<int64_t>(32, std::min<int64_t>(1024, 8192 / nw));
+  // flips per block: a multiple of 32; 512 lets three blocks' tables (64 KB at N <= 32) share an SM
+  const int per_block = (int)std::max<int64_t>(32, std::min<int64_t>(512, 8192 / nw) / 32 * 32);
   const size_t smem = (size_t)per_block * (KM + 1) * 4 + 8 + (size_t)per_block * nw * 8 +
                       (table ? (size_t)groups * 16 * kExplicitThreads * 4 : 0);
   auto kern = explicit_kernel<KM>;

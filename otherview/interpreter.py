@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import capture as capture_mod
+from . import inference
 from . import model as model_mod
 from . import report as report_mod
 from . import stats, store
@@ -80,9 +81,12 @@ def generate_reference(loaded: model_mod.LoadedModel, plan: Plan):
 
 
 @torch.no_grad()
-def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk: int = 8) -> ProbeInputs:
+def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk: int | None = None) -> ProbeInputs:
     """Return prompt embeddings (each distinct prompt once), the shared noise and the reference latents."""
     pipe, dev = loaded.pipe, loaded.device
+    # Prompts are padded to max_sequence_length, so a chunk of 32 is 16k tokens through the text
+    # encoder: big enough to keep a GPU busy, small enough for its hidden states to fit.
+    chunk = chunk or (32 if dev.type == "cuda" else 8)
     prompts = plan.prompts
     embeds = []
     for i in range(0, len(prompts), chunk):
@@ -128,20 +132,18 @@ def auto_batch_size(plan: Plan, device: torch.device) -> int:
 @torch.no_grad()
 def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, cap: capture_mod.Capture,
                batch_size: int, on_batch: Callable[[int, np.ndarray], None] | None = None,
-               progress: Progress | None = None, forward: Callable | None = None,
-               max_batches: int | None = None) -> np.ndarray:
+               progress: Progress | None = None, max_batches: int | None = None) -> np.ndarray:
     """Return the per-pass, per-unit RMS, shape (n_passes, n_units), running the passes in batches.
 
-    ``forward`` is the transformer to call (e.g. its ``torch.compile`` wrapper); the capture hooks
-    sit on the modules of ``loaded.pipe.transformer`` either way. A short last batch is padded by
-    repeating its last pass (results dropped) so every batch has one shape and a compiled graph is
-    reused rather than recompiled.
+    A short last batch is padded by repeating its last pass (results dropped) so every batch has
+    one shape and a compiled graph is reused rather than recompiled. ``max_batches`` stops early
+    (the compile warm-up runs one batch).
     """
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
     pipe, dev, spec = loaded.pipe, loaded.device, plan.spec
-    transformer = forward if forward is not None else pipe.transformer
-    dtype = pipe.transformer.dtype
+    transformer = pipe.transformer
+    dtype = transformer.dtype
     steps, guidance = spec.probe.steps, spec.probe.guidance_scale
     cfg = guidance > 1 and not pipe.config.is_distilled
     out = np.zeros((len(plan.passes), plan.n_units), dtype=np.float32)
@@ -200,16 +202,19 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def compiled_transformer(loaded: model_mod.LoadedModel, backend: str = "inductor"):
-    """Return the transformer wrapped in ``torch.compile`` (made once per loaded model and reused).
+def compile_transformer(loaded: model_mod.LoadedModel, backend: str = "inductor") -> None:
+    """Compile ``loaded``'s transformer in place with ``torch.compile`` (once per loaded model).
 
-    Static shapes: every probe batch has one shape (the last is padded), so one graph serves all
-    of them; the capture hooks are traced into that graph, so they must be attached first.
+    In place (``nn.Module.compile``), so the pipeline's own calls (the reference image) and the probe
+    passes both run compiled. Static shapes: each distinct input shape (the reference's, the probe
+    batch's) compiles one graph, and probe batches all have one shape (the last is padded). Capture
+    hooks on submodules are traced into the probe graph.
     """
-    key = f"compiled-{backend}"
-    if key not in loaded.cache:
-        loaded.cache[key] = torch.compile(loaded.pipe.transformer, dynamic=False, backend=backend)
-    return loaded.cache[key]
+    if loaded.cache.get("compiled") is None:
+        loaded.pipe.transformer.compile(dynamic=False, backend=backend)
+        loaded.cache["compiled"] = backend
+    elif loaded.cache["compiled"] != backend:
+        raise PlanError(f"runtime.compile_backend: this model was already compiled with '{loaded.cache['compiled']}'")
 
 
 def set_attention_backend(loaded: model_mod.LoadedModel, name: str) -> None:
@@ -224,7 +229,7 @@ def set_attention_backend(loaded: model_mod.LoadedModel, name: str) -> None:
     loaded.pipe.transformer.set_attention_backend(name)
 
 
-def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: report_mod.inference.UnitInference) -> list[dict]:
+def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: inference.UnitInference) -> list[dict]:
     """Return units.csv's rows: where each unit sits, its effect (mean d, t, d_z and interval) and p-values."""
     mean_d = d.mean(axis=0)
     rows = []
@@ -285,6 +290,16 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     set_attention_backend(loaded, spec.runtime.attention_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    compiled = use_compile(spec.runtime.compile, device)
+    if compiled:
+        compile_transformer(loaded, spec.runtime.compile_backend)
+        if spec.reference.prompt is not None:
+            # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
+            with phases("compile", device):
+                say("torch.compile: the reference generation's graph")
+                loaded.pipe(prompt=spec.reference.prompt, height=plan.height, width=plan.width, num_inference_steps=1,
+                            guidance_scale=spec.reference.guidance_scale, output_type="latent",
+                            max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
     with phases("reference", device):
         say("reference image" + (f": {spec.reference.steps} steps, guidance {spec.reference.guidance_scale}"
                                  if spec.reference.prompt else f": {spec.reference.image}"))
@@ -300,21 +315,20 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     def checkpoint(done: int, rms: np.ndarray) -> None:
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[:done]}, {"passes_done": str(done)})
 
-    compiled = use_compile(spec.runtime.compile, device)
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
                            "attention_backend": spec.runtime.attention_backend,
                            "capture_kernel": spec.runtime.capture_kernel}
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
         + (", torch.compile (the first batch compiles)" if compiled else ""))
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel) as cap:
-        forward = compiled_transformer(loaded, spec.runtime.compile_backend) if compiled else None
         if compiled:
-            # One-time cost, timed apart: trace and compile on the first batch (its results are
-            # discarded; the probe phase recomputes it with the compiled graph).
-            with phases("compile", device):
-                run_probes(loaded, plan, inputs, cap, batch_size, forward=forward, max_batches=1)
+            # One-time cost, timed apart: trace and compile the probe graph on the first batch (its
+            # results are discarded; the probe phase recomputes it with the compiled graph).
+            with phases("compile_probe", device):
+                say("torch.compile: the probe graph")
+                run_probes(loaded, plan, inputs, cap, batch_size, max_batches=1)
         with phases("probe", device):
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say, forward=forward)
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say)
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     del inputs, buffer
@@ -325,7 +339,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
                                     spec.null.quantile, device)
         say(f"per-unit inference and the {spec.axis.name} axis null")
-        inf = report_mod.inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed)
+        inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed)
     with phases("write"):
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t},
                             {"passes_done": str(len(plan.passes))})

@@ -45,3 +45,16 @@ def test_effect_size_is_t_over_sqrt_n():
     rng = np.random.default_rng(2)
     d = rng.normal(0.3, 1, size=(12, 40))
     np.testing.assert_allclose(stats.effect_size(d) * np.sqrt(12), stats.paired_t(d), rtol=1e-12)
+
+
+def test_card_table_null_excludes_the_observed_labelling():
+    """The identity flip is in the null for p-values, but the card's null mean must not count it."""
+    rng = np.random.default_rng(3)
+    d = rng.normal(2.0, 1.0, size=(30, 400))  # every unit responds: the identity counts all 400
+    null = stats.sign_flip_null(d, [3.0], "random", 200, 0, 0.99)
+    rows = stats.card_table(stats.paired_t(d), null)
+    assert rows[0]["observed"] == 400
+    with_identity = null.result.count_mean(0)
+    assert with_identity >= 400 / 200
+    assert rows[0]["null_mean"] == pytest.approx((with_identity * 200 - 400) / 199)
+    assert rows[0]["null_q"] < 400 and rows[1]["observed"] > rows[1]["null_q"]

@@ -104,7 +104,10 @@ def bench_hot_ms(fn, calls: int = 20, loops: int = 15) -> tuple[float, float, fl
     """Return (p20, median, p80) milliseconds per call of ``calls`` back-to-back calls, no L2 flush.
 
     Inputs larger than L2 gain nothing from the cache, and this leaves out the write-back of the
-    dirty flush buffer that :func:`bench_ms` makes each call pay.
+    dirty flush buffer that :func:`bench_ms` makes each call pay. Calls shorter than their host-side
+    launch path (Python, dispatcher, our two launches: tens of microseconds) leave the device idle
+    between them, so for small inputs this measures the host, not the kernel; the ``kernel`` rows
+    (profiler device time) are the figure to read there.
     """
     fn()
     torch.cuda.synchronize()

@@ -37,6 +37,7 @@ class Capture:
     buffer: torch.Tensor  # fp32 [max_batch, 1, n_units]
     handles: list = field(default_factory=list)
     active: bool = True
+    side_stream: "torch.cuda.Stream | None" = None  # where the reductions run, overlapping the projections
     batch: int = 0  # rows of ``buffer`` the current batch uses
     evaluations: int = 0  # counted (active) transformer evaluations since the last reset
 
@@ -45,8 +46,14 @@ class Capture:
         if batch > self.buffer.shape[0]:
             raise ValueError(f"batch {batch} exceeds the capture buffer's {self.buffer.shape[0]} rows")
         self.batch = batch
-        self.buffer[:batch].zero_()
+        self.sync()
+        self.buffer[:batch].zero_()  # on the current stream, which the next hook's wait orders
         self.evaluations = 0
+
+    def sync(self) -> None:
+        """Make the current stream wait for reductions queued on the side stream (before reading)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream(self.buffer.device).wait_stream(self.side_stream)
 
     def rms(self) -> torch.Tensor:
         """Return the per-sample, per-unit RMS of the current batch as fp32 ``[batch, units]`` on the host."""
@@ -55,6 +62,7 @@ class Capture:
         for site in self.plan.sites:
             n = (site.segment[1] - site.segment[0]) * g * max(self.evaluations, 1)
             counts[site.unit_offset: site.unit_offset + site.n_units] = float(n)
+        self.sync()
         sumsq = self.buffer[: self.batch, 0].float().cpu()  # the one device-to-host copy of a batch
         return torch.sqrt(sumsq / counts)
 
@@ -79,13 +87,25 @@ def _make_hook(capture: Capture, site: Site, unit_width: int, accumulate):
             x = args[0]
             if x.shape[1] != site.tokens:
                 raise CaptureError(f"{site.name} received {x.shape[1]} tokens, the plan expects {site.tokens}")
-            accumulate(x, unit_width, segments, capture.buffer[: x.shape[0], :, u0:u1])
+            out = capture.buffer[: x.shape[0], :, u0:u1]
+            side = capture.side_stream
+            if side is None:
+                accumulate(x, unit_width, segments, out)
+            else:
+                # The reduction is bandwidth-bound and the projection that reads the same input is
+                # compute-bound: run the reduction beside it. The side stream waits for x's
+                # producer; record_stream keeps x's memory from being reused before it is read.
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    accumulate(x, unit_width, segments, out)
+                x.record_stream(side)
         return None
 
     return hook
 
 
-def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kernel: str = "auto") -> Capture:
+def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kernel: str = "auto",
+           side_stream: bool = False) -> Capture:
     """Return a ``Capture`` with one forward pre-hook on each of ``plan``'s sites in ``transformer``.
 
     Parameters
@@ -98,6 +118,9 @@ def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kerne
         Where the hooks accumulate sums of squares; on the transformer's device.
     kernel : {"auto", "compiled", "reference"}
         ``auto`` uses the compiled op where built for the device, else the reference.
+    side_stream : bool
+        Run the reductions on a CUDA side stream, overlapping the projection GEMMs (eager only:
+        under ``torch.compile`` the op is one node of the graph's single stream).
     """
     if kernel == "reference":
         accumulate = _reference_sumsq_
@@ -106,7 +129,8 @@ def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kerne
     else:
         accumulate = rms_ops.unit_sumsq_
     modules = dict(transformer.named_modules())
-    capture = Capture(plan=plan, buffer=buffer)
+    capture = Capture(plan=plan, buffer=buffer,
+                      side_stream=torch.cuda.Stream(buffer.device) if side_stream and buffer.is_cuda else None)
     try:
         for site in plan.sites:
             module = modules.get(site.name)

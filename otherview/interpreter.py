@@ -320,7 +320,10 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                            "capture_kernel": spec.runtime.capture_kernel}
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
         + (", torch.compile (the first batch compiles)" if compiled else ""))
-    with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel) as cap:
+    side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
+    manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
+    with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
+                            side_stream=side) as cap:
         if compiled:
             # One-time cost, timed apart: trace and compile the probe graph on the first batch (its
             # results are discarded; the probe phase recomputes it with the compiled graph).

@@ -130,6 +130,9 @@ class Runtime(_Strict):
     compile_backend: Annotated[str, Field(min_length=1)] = "inductor"  # a torch.compile backend
     attention_backend: Annotated[str, Field(min_length=1)] = "default"  # a diffusers AttentionBackendName
     capture_kernel: Literal["auto", "compiled", "reference"] = "auto"
+    # "auto": a CUDA side stream in eager mode (the reduction overlaps the projection), inline
+    # under torch.compile (the capture op is part of the compiled graph)
+    capture_stream: Literal["auto", "inline", "side"] = "auto"
 
 
 class Output(_Strict):

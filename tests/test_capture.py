@@ -91,3 +91,24 @@ def test_missing_site_names_the_module_and_leaves_no_hooks(tiny_pipe, plan):
     with pytest.raises(capture.CaptureError, match="transformer_blocks.9.attn.to_out.0"):
         capture.attach(tiny_pipe.transformer, broken, torch.zeros(1, 1, plan.n_units))
     assert not any(m._forward_pre_hooks for m in tiny_pipe.transformer.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_side_stream_capture_equals_inline_on_cuda(plan):
+    from otherview.model import build_builtin
+
+    transformer = build_builtin("tiny", dtype=torch.bfloat16, device="cuda").transformer
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _inputs(plan, 3, seed=2).items()}
+    for key in ("hidden_states", "encoder_hidden_states"):
+        inputs[key] = inputs[key].bfloat16()
+    results = []
+    for side in (False, True):
+        buffer = torch.zeros(3, 1, plan.n_units, device="cuda")
+        with capture.attach(transformer, plan, buffer, side_stream=side) as cap:
+            cap.reset(3)
+            cap.evaluations = 1
+            out = transformer(**inputs)[0]
+            results.append((cap.rms(), out))
+    assert torch.equal(results[0][0], results[1][0]), "side-stream capture differs from inline capture"
+    assert torch.equal(results[0][1], results[1][1]), "side-stream capture changed the model's output"

@@ -106,6 +106,7 @@ def main() -> None:
                         help="the timed run's null (default: the card's 200 random flips); the "
                              "spec's 'auto' null is then timed on the same differences as an extra row")
     parser.add_argument("--out")
+    parser.add_argument("--runs", help="keep otherview's run directory under this folder (default: a temporary one)")
     args = parser.parse_args()
 
     spec, raw = load_spec(args.spec)
@@ -132,7 +133,7 @@ def main() -> None:
             rows.append({**base, "provider": "naive loop", "phase": phase, "seconds": sec, "peak_gib": _peak(device)})
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = interpreter.execute(spec, raw, args.spec, out_dir=tmp, loaded=loaded,
+        run_dir = interpreter.execute(spec, raw, args.spec, out_dir=args.runs or tmp, loaded=loaded,
                                       progress=lambda m: print(f"  otherview: {m}", flush=True))
         manifest = json.loads((run_dir / "manifest.json").read_text())
         arrays = store.read_tensors(run_dir / "rms.safetensors")

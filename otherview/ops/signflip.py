@@ -64,8 +64,9 @@ MAX_PAIRS = 4096
 #: H100 and years on a CPU, so :func:`auto_mode` switches to random long before.
 EXACT_MAX_PAIRS = 40
 #: Unit-flips (2^(N-1) * U) under which :func:`auto_mode` picks exact enumeration, per device
-#: type. Calibrated on measured rates: the CUDA kernel does ~2e12 unit-flips/s on an H100 (so 1e13
-#: is ~5 s), the CPU op ~5e8 unit-flips/s on 2 cores (1e10 is ~20 s).
+#: type. Calibrated on measured rates: the CUDA kernel does 1.7e12 (two thresholds) to 2.1e12 (one)
+#: unit-flips/s on an H100, so 1e13 is ~5-6 s; the CPU op 0.6e9-1.7e9 unit-flips/s at U = 16,320 and
+#: 0.24e9-0.56e9 at U = 10 on a 2-core host, so 1e10 is ~6-40 s.
 UNIT_FLIP_BUDGET = {"cuda": 1e13, "cpu": 1e10}
 _MAX_BINS = 1 << 20
 _R_BITS = 24

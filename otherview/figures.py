@@ -9,6 +9,9 @@ response of the units that follow it best.
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,17 +247,33 @@ def write_figures(run_dir: Path, manifest: dict, summary: dict) -> list[Figure]:
     out.mkdir(exist_ok=True)
     axis = summary["axis"]
     figures = []
+    jobs = [("figures/t_map.png", t_map, (out / "t_map.png", arrays["t"], summary["layout"]["sites"], contrast)),
+            ("figures/null_counts.png", null_counts,
+             (out / "null_counts.png", null["count_hist"], summary["card_table"], summary["null"]["quantile"],
+              summary["n_units"])),
+            ("figures/block_bars.png", block_bars,
+             (out / "block_bars.png", summary["groups"]["sites"], summary["null"]["thresholds"]))]
+    if axis["top_units"]:
+        jobs.append(("figures/axis_units.png", axis_units,
+                     (out / "axis_units.png", arrays["d"], np.asarray(axis["ranks"]), axis["fillers"],
+                      axis["top_units"][:TOP_AXIS_UNITS], axis["name"], contrast)))
+    return [Figure(path, caption) for (path, _, _), caption in zip(jobs, _draw_all(jobs))]
+
+
+def _draw(job) -> str:
+    _, draw, args = job
     with plt.rc_context(STYLE):
-        figures.append(Figure("figures/t_map.png", t_map(out / "t_map.png", arrays["t"], summary["layout"]["sites"],
-                                                        contrast)))
-        figures.append(Figure("figures/null_counts.png",
-                              null_counts(out / "null_counts.png", null["count_hist"], summary["card_table"],
-                                          summary["null"]["quantile"], summary["n_units"])))
-        figures.append(Figure("figures/block_bars.png", block_bars(out / "block_bars.png", summary["groups"]["sites"],
-                                                                   summary["null"]["thresholds"])))
-        if axis["top_units"]:
-            figures.append(Figure("figures/axis_units.png",
-                                  axis_units(out / "axis_units.png", arrays["d"], np.asarray(axis["ranks"]),
-                                             axis["fillers"], axis["top_units"][:TOP_AXIS_UNITS], axis["name"],
-                                             contrast)))
-    return figures
+        return draw(*args)
+
+
+def _draw_all(jobs: list) -> list[str]:
+    """Return the captions of ``jobs``, drawn in parallel worker processes where the OS can fork.
+
+    Each figure takes about half a second in matplotlib, most of it layout; forked workers need no
+    re-import and touch neither CUDA nor the caller's state, only numpy arrays and files.
+    """
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_draw(job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_draw, jobs))

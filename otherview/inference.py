@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+import torch
 
 from . import stats
 from .plan import Plan
@@ -148,7 +149,7 @@ def _permutations(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
 
 
 def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PERMUTATIONS, seed: int = 0,
-                     chunk_elements: int = 1 << 23) -> AxisNull:
+                     chunk_elements: int = 1 << 23, device: "torch.device | str" = "cpu") -> AxisNull:
     """Return each unit's Spearman correlation with the axis and its permutation p-values.
 
     rho_u is the Pearson correlation of the ranks of d[:, u] with the ranks of the covariate (ties
@@ -172,6 +173,8 @@ def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PE
         Seed of numpy's default generator for the random permutations.
     chunk_elements : int
         Bound on the [permutations, units] block held at once.
+    device : torch.device or str
+        Where the permuted correlations are computed (float64 either way, so ties compare alike).
 
     Returns
     -------
@@ -192,13 +195,18 @@ def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PE
     rho = rx @ rd
     perms, exact = _permutations(n, n_perm, seed)
     threshold = np.abs(rho) - _TIE_TOL
-    exceed = np.zeros(u, dtype=np.int64)
-    max_null = np.empty(len(perms))
+    dev = torch.device(device)
+    rd_t, thr_t = torch.as_tensor(rd, device=dev), torch.as_tensor(threshold, device=dev)
+    permuted = torch.as_tensor(rx[perms], device=dev)  # [P, N]: the covariate's ranks, permuted
+    exceed_t = torch.zeros(u, dtype=torch.int64, device=dev)
+    max_parts = []
     step = max(1, chunk_elements // max(u, 1))
     for start in range(0, len(perms), step):
-        block = np.abs(rx[perms[start:start + step]] @ rd)
-        exceed += (block >= threshold).sum(axis=0)
-        max_null[start:start + step] = block.max(axis=1)
+        block = (permuted[start:start + step] @ rd_t).abs_()
+        exceed_t += (block >= thr_t).sum(dim=0)
+        max_parts.append(block.amax(dim=1))
+    exceed = exceed_t.cpu().numpy()
+    max_null = torch.cat(max_parts).cpu().numpy()
     fwer = (max_null[:, None] >= threshold[None]).sum(axis=0)
     return AxisNull(rho, exceed / len(perms), fwer / len(perms), max_null, len(perms), exact, seed)
 
@@ -224,14 +232,14 @@ class UnitInference:
 
 
 def infer(d: np.ndarray, null: stats.NullSummary, covariate: np.ndarray, seed: int,
-          n_perm: int = AXIS_PERMUTATIONS) -> UnitInference:
+          n_perm: int = AXIS_PERMUTATIONS, device: "torch.device | str" = "cpu") -> UnitInference:
     """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null."""
     d = np.asarray(d, dtype=np.float64)
     d_z = stats.effect_size(d)
     low, high = dz_interval(d_z, d.shape[0])
     p = np.asarray(null.result.p_uncorrected, dtype=np.float64)
     p_fwer = np.asarray(null.result.p_fwer, dtype=np.float64)
-    axis = axis_correlation(d, covariate, n_perm=n_perm, seed=seed)
+    axis = axis_correlation(d, covariate, n_perm=n_perm, seed=seed, device=device)
     return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected))
 
 

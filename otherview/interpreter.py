@@ -342,7 +342,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
                                     spec.null.quantile, device)
         say(f"per-unit inference and the {spec.axis.name} axis null")
-        inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed)
+        inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed, device=device)
     with phases("write"):
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t},
                             {"passes_done": str(len(plan.passes))})

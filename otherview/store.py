@@ -85,17 +85,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts with the same keys) as CSV atomically."""
     buf = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        # csv writes floats with repr (shortest round-trip; inf and nan as such), so no formatting here
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(rows[0].keys())
+        writer.writerows(row.values() for row in rows)
     atomic_write_text(path, buf.getvalue())
-
-
-def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return repr(v) if np.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    return v
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

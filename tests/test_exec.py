@@ -118,3 +118,25 @@ def test_batched_compiled_path_matches_eager_batch_of_one(tmp_path):
     np.testing.assert_allclose(rb, ra, rtol=2e-5, atol=1e-7)
     manifest = json.loads((b / "manifest.json").read_text())
     assert manifest["runtime"]["compile"] is True and "compile" in manifest["phases"]
+
+
+def test_text_encoder_runs_only_needed_layers_with_identical_states():
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from otherview.interpreter import _only_needed_layers
+
+    torch.manual_seed(0)
+    encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                                           vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 10))
+    run = lambda: encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,  # noqa: E731
+                          use_cache=False).hidden_states
+    with torch.no_grad():
+        full = run()
+        with _only_needed_layers(encoder, 3):
+            assert len(encoder.model.layers) == 4
+            lean = run()
+    assert len(encoder.model.layers) == 6
+    assert all(torch.equal(full[k], lean[k]) for k in range(4))

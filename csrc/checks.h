@@ -1,16 +1,10 @@
 // Argument checks shared by every backend of every op: one message format, one place.
 #pragma once
+#include <cstdio>
+#include <string>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-
-#define OV_CHECK_DIM(t, n, name) \
-  TORCH_CHECK((t).dim() == (n), name ": expected a ", n, "-d tensor, got shape ", (t).sizes())
-#define OV_CHECK_DTYPE(t, dt, name) \
-  TORCH_CHECK((t).scalar_type() == (dt), name ": expected dtype ", dt, ", got ", (t).scalar_type())
-#define OV_CHECK_SAME_DEVICE(a, b, an, bn) \
-  TORCH_CHECK((a).device() == (b).device(), an " and " bn " must be on one device, got ", \
-              (a).device(), " and ", (b).device())
 
 // Value and type errors surface in Python as ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE), so
 // the wrappers' reference fallback can raise the same class with the same text. `op` is a string
@@ -24,6 +18,12 @@ namespace otherview {
 // toolchain (/opt/gcc, whose libstdc++ pieces are linked into the extension) streaming an integer
 // into the std::ostringstream behind TORCH_CHECK segfaults, while strings stream fine.
 inline std::string int_str(int64_t v) { return std::to_string(v); }
+
+inline std::string num_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
 
 inline std::string shape_str(at::IntArrayRef shape) {
   std::string s = "[";

@@ -39,30 +39,30 @@ constexpr int kRBits = 24;                // r_fix = r * 2^24
 void check_signflip_args(const at::Tensor& d, at::ArrayRef<double> thresholds,
                          c10::string_view mode, int64_t n_flips, int64_t n_max_bins) {
   OV_CHECK_ARG(d.dim() == 2, "signflip_null", "d must be 2-d [n_pairs, n_units], got shape ",
-               d.sizes());
+               shape_str(d.sizes()));
   OV_CHECK_ARG_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
                     "signflip_null", "d must be torch.float32 or torch.float64, got ",
                     dtype_name(d.scalar_type()));
   const int64_t n = d.size(0);
-  OV_CHECK_ARG(n >= 1 && n <= kMaxPairs, "signflip_null", "d must have 1 to ", kMaxPairs,
-               " pairs (rows), got ", n);
+  OV_CHECK_ARG(n >= 1 && n <= kMaxPairs, "signflip_null", "d must have 1 to ", int_str(kMaxPairs),
+               " pairs (rows), got ", int_str(n));
   OV_CHECK_ARG(d.size(1) >= 1, "signflip_null", "d must have at least one unit (column), got ",
-               d.size(1));
+               int_str(d.size(1)));
   OV_CHECK_ARG(mode == "exact" || mode == "random", "signflip_null",
                "mode must be \"exact\" or \"random\", got \"", std::string(mode), "\"");
   if (mode == "exact") {
     OV_CHECK_ARG(n <= kMaxExactPairs, "signflip_null", "exact mode enumerates 2^(n_pairs-1) flips "
-                 "and accepts at most ", kMaxExactPairs, " pairs, got ", n, "; use mode=\"random\"");
+                 "and accepts at most ", int_str(kMaxExactPairs), " pairs, got ", int_str(n), "; use mode=\"random\"");
   } else {
     OV_CHECK_ARG(n_flips >= 1, "signflip_null",
-                 "random mode needs n_flips >= 1 (flip 0 is the identity), got ", n_flips);
+                 "random mode needs n_flips >= 1 (flip 0 is the identity), got ", int_str(n_flips));
   }
   for (size_t k = 0; k < thresholds.size(); ++k) {
     OV_CHECK_ARG(std::isfinite(thresholds[k]) && thresholds[k] >= 0, "signflip_null",
-                 "thresholds must be finite and >= 0, got thresholds[", k, "] = ", thresholds[k]);
+                 "thresholds must be finite and >= 0, got thresholds[", int_str(static_cast<int64_t>(k)), "] = ", num_str(thresholds[k]));
   }
   OV_CHECK_ARG(n_max_bins >= 1 && n_max_bins <= kMaxBins, "signflip_null",
-               "n_max_bins must be in [1, ", kMaxBins, "], got ", n_max_bins);
+               "n_max_bins must be in [1, ", int_str(kMaxBins), "], got ", int_str(n_max_bins));
 }
 
 // Quantises d and derives every per-unit integer the kernels compare against. Runs on d's device

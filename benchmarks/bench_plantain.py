@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from otherview import interpreter, model as model_mod, stats, store  # noqa: E402
+from otherview import figures, interpreter, model as model_mod, stats, store  # noqa: E402
 from otherview.model import architecture  # noqa: E402
 from otherview.plan import build_plan  # noqa: E402
 from otherview.spec import load_spec, with_overrides  # noqa: E402
@@ -120,6 +120,7 @@ def main() -> None:
             "resolution": [plan.height, plan.width], "passes": len(plan.passes), "units": plan.n_units}
     rows = []
 
+    workers = figures.start_workers()  # as `otherview exec` does: forked before the model exists
     start = time.perf_counter()
     loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
     _sync(device)
@@ -133,7 +134,7 @@ def main() -> None:
             rows.append({**base, "provider": "naive loop", "phase": phase, "seconds": sec, "peak_gib": _peak(device)})
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = interpreter.execute(spec, raw, args.spec, out_dir=args.runs or tmp, loaded=loaded,
+        run_dir = interpreter.execute(spec, raw, args.spec, out_dir=args.runs or tmp, loaded=loaded, workers=workers,
                                       progress=lambda m: print(f"  otherview: {m}", flush=True))
         manifest = json.loads((run_dir / "manifest.json").read_text())
         arrays = store.read_tensors(run_dir / "rms.safetensors")

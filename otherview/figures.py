@@ -236,7 +236,7 @@ def axis_units(path: Path, d: np.ndarray, covariate: np.ndarray, fillers: list[s
             "permutation null).")
 
 
-def write_figures(run_dir: Path, manifest: dict, summary: dict) -> list[Figure]:
+def write_figures(run_dir: Path, manifest: dict, summary: dict, workers=None) -> list[Figure]:
     """Draw every figure of a run into ``run_dir/figures`` from the run's files; return them in order."""
     run_dir = Path(run_dir)
     arrays = store.read_tensors(run_dir / "rms.safetensors")
@@ -257,7 +257,7 @@ def write_figures(run_dir: Path, manifest: dict, summary: dict) -> list[Figure]:
         jobs.append(("figures/axis_units.png", axis_units,
                      (out / "axis_units.png", arrays["d"], np.asarray(axis["ranks"]), axis["fillers"],
                       axis["top_units"][:TOP_AXIS_UNITS], axis["name"], contrast)))
-    return [Figure(path, caption) for (path, _, _), caption in zip(jobs, _draw_all(jobs))]
+    return [Figure(path, caption) for (path, _, _), caption in zip(jobs, _draw_all(jobs, workers))]
 
 
 def _draw(job) -> str:
@@ -266,14 +266,33 @@ def _draw(job) -> str:
         return draw(*args)
 
 
-def _draw_all(jobs: list) -> list[str]:
+def _noop(_: int) -> None:
+    return None
+
+
+def start_workers(n: int = 4) -> ProcessPoolExecutor | None:
+    """Return a pool of ``n`` forked figure workers, started now; None where the OS cannot fork.
+
+    ``exec`` starts them before the model loads: forking a small process is quick, forking one that
+    holds a GPU context and gigabytes of weights takes seconds. Workers only draw numpy arrays.
+    """
+    n = min(n, os.cpu_count() or 1)
+    if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    list(pool.map(_noop, range(n)))  # fork every worker now, not when the figures are due
+    return pool
+
+
+def _draw_all(jobs: list, workers: ProcessPoolExecutor | None = None) -> list[str]:
     """Return the captions of ``jobs``, drawn in parallel worker processes where the OS can fork.
 
-    Each figure takes about half a second in matplotlib, most of it layout; forked workers need no
-    re-import and touch neither CUDA nor the caller's state, only numpy arrays and files.
+    Each figure takes about half a second in matplotlib, most of it layout.
     """
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers is not None:
+        return list(workers.map(_draw, jobs))
+    pool = start_workers(len(jobs))
+    if pool is None:
         return [_draw(job) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with pool:
         return list(pool.map(_draw, jobs))

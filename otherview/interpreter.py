@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import capture as capture_mod
+from . import figures
 from . import inference
 from . import model as model_mod
 from . import report as report_mod
@@ -269,11 +270,12 @@ def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: inference.UnitInfe
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
-            loaded: model_mod.LoadedModel | None = None) -> Path:
+            loaded: model_mod.LoadedModel | None = None, workers=None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
     ``loaded`` reuses a model already built or loaded from the spec's source (benchmarks and tests
-    run several specs on one model); otherwise the model is loaded here.
+    run several specs on one model); otherwise the model is loaded here. ``workers`` reuses a figure
+    pool from ``figures.start_workers`` (start it before loading a model: forking is then cheap).
     """
     say = progress or (lambda msg: log.info(msg))
     if model_override:
@@ -292,17 +294,23 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
                 "phases": phases.seconds}
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"run directory {run_dir}")
+    own_workers = workers is None
+    if own_workers:
+        workers = figures.start_workers()  # forked now, while this process is still small
     try:
-        _execute(plan, device, run_dir, manifest, phases, say, loaded)
+        _execute(plan, device, run_dir, manifest, phases, say, loaded, workers)
     except BaseException as exc:
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=store.now())
         store.write_json(run_dir / "manifest.json", manifest)
         raise
+    finally:
+        if own_workers and workers is not None:
+            workers.shutdown(cancel_futures=True)
     return run_dir
 
 
 def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
-             loaded: model_mod.LoadedModel | None) -> None:
+             loaded: model_mod.LoadedModel | None, workers=None) -> None:
     spec = plan.spec
     if loaded is None:
         with phases("load_model", device):
@@ -382,6 +390,6 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                                                                      "flips": null.result.n_flips})
     store.write_json(run_dir / "manifest.json", manifest)
     with phases("report"):
-        report_mod.write_report(run_dir)
+        report_mod.write_report(run_dir, workers)
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"report: {run_dir / 'report.md'}")

@@ -292,8 +292,12 @@ def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figu
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Render ``report.md`` and its figures in ``run_dir`` from the files already there; return its path."""
+def write_report(run_dir: str | Path, workers=None) -> Path:
+    """Render ``report.md`` and its figures in ``run_dir`` from the files already there; return its path.
+
+    ``workers`` is a pool from ``figures.start_workers`` (forked early by ``exec``); without one the
+    figures get a pool of their own.
+    """
     run_dir = Path(run_dir)
     for name in ("manifest.json", "summary.json", "rms.safetensors", "null.safetensors"):
         if not (run_dir / name).exists():
@@ -302,6 +306,6 @@ def write_report(run_dir: str | Path) -> Path:
     manifest, summary = store.read_json(run_dir / "manifest.json"), store.read_json(run_dir / "summary.json")
     if "groups" not in summary:
         raise FileNotFoundError(f"{run_dir}: summary.json predates per-unit inference; re-run `otherview exec`")
-    figures = figures_mod.write_figures(run_dir, manifest, summary)
+    figures = figures_mod.write_figures(run_dir, manifest, summary, workers)
     store.atomic_write_text(run_dir / "report.md", render(manifest, summary, figures))
     return run_dir / "report.md"

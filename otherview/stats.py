@@ -184,18 +184,3 @@ def card_table(t: np.ndarray, null: NullSummary) -> list[dict]:
     rows.append({"metric": "max |t|", "threshold": None, "observed": max_t, "fraction": None,
                  "null_mean": _hist_mean(h, mid), "null_q": float(to_t(edges[_hist_quantile(h, q)])), "ratio": None})
     return rows
-
-
-def block_summary(t: np.ndarray, plan: Plan, thresholds: list[float]) -> list[dict]:
-    """Return, per site (block), how many units exceed each threshold and the site's max |t|."""
-    abs_t = np.abs(t)
-    rows = []
-    for site in plan.sites:
-        sl = abs_t[site.unit_offset: site.unit_offset + site.n_units]
-        top = int(np.argmax(sl))
-        row = {"site": site.name, "stream": site.stream, "block": site.block, "units": site.n_units,
-               "max_abs_t": float(sl.max()), "top_unit": site.unit_offset + top}
-        for c in thresholds:
-            row[f"over_{c:g}"] = int((sl > c).sum())
-        rows.append(row)
-    return rows

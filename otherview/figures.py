@@ -41,8 +41,13 @@ class Figure:
     caption: str
 
 
+_MARK = ""  # set per job by _draw: "RANDOM WEIGHTS" on every figure of a random-weight run
+
+
 def _save(fig, path: Path) -> None:
     """Write ``fig`` as PNG through the run store's atomic write, and close it."""
+    if _MARK:
+        fig.text(0.995, 0.005, _MARK, ha="right", va="bottom", fontsize=6, color=OBSERVED, fontweight="bold")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
@@ -257,11 +262,15 @@ def write_figures(run_dir: Path, manifest: dict, summary: dict, workers=None) ->
         jobs.append(("figures/axis_units.png", axis_units,
                      (out / "axis_units.png", arrays["d"], np.asarray(axis["ranks"]), axis["fillers"],
                       axis["top_units"][:TOP_AXIS_UNITS], axis["name"], contrast)))
-    return [Figure(path, caption) for (path, _, _), caption in zip(jobs, _draw_all(jobs, workers))]
+    mark = "RANDOM WEIGHTS" if manifest.get("random_weights") else ""
+    jobs = [(*job, mark) for job in jobs]
+    return [Figure(path, caption) for (path, _, _, _), caption in zip(jobs, _draw_all(jobs, workers))]
 
 
 def _draw(job) -> str:
-    _, draw, args = job
+    global _MARK
+    _, draw, args, mark = job
+    _MARK = mark
     with plt.rc_context(STYLE):
         return draw(*args)
 

@@ -28,7 +28,7 @@ from . import model as model_mod
 from . import report as report_mod
 from . import stats, store
 from .plan import Plan, PlanError, build_plan
-from .spec import Spec, spec_hash
+from .spec import Spec, spec_hash, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,16 @@ class ProbeInputs:
 def _generator(seed: int) -> torch.Generator:
     # Seeded on the CPU so the same seed gives the same noise on every device.
     return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def resolve_image(image: str, spec_path: str) -> Path:
+    """Return the reference image file of a spec: a relative path is relative to the spec's folder."""
+    path = Path(image).expanduser()
+    if not path.is_absolute():
+        path = Path(spec_path).resolve().parent / path
+    if not path.is_file():
+        raise PlanError(f"reference.image: no such file '{path}'")
+    return path
 
 
 def generate_reference(loaded: model_mod.LoadedModel, plan: Plan):
@@ -280,6 +290,8 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     say = progress or (lambda msg: log.info(msg))
     if model_override:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
+    if spec.reference.image is not None:
+        spec = with_overrides(spec, {"reference.image": str(resolve_image(spec.reference.image, spec_path))})
     arch = model_mod.architecture(spec.model.source)
     plan = build_plan(spec, arch)
     device = model_mod.resolve_device(spec.model.device)
@@ -375,7 +387,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed, device=device)
     with phases("write"):
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t},
-                            {"passes_done": str(len(plan.passes))})
+                            {"passes_done": str(len(plan.passes)), "random_weights": str(plan.arch.random_weights)})
         res = null.result
         store.write_tensors(run_dir / "null.safetensors", {"count_hist": res.count_hist, "exceed": res.exceed,
                                                            "fwer_exceed": res.fwer_exceed, "max_hist": res.max_hist},
@@ -385,6 +397,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                              "axis_seed": str(inf.axis.seed)})
         store.write_csv(run_dir / "units.csv", _unit_rows(plan, d, t, inf))
         summary = report_mod.summarise(plan, d, t, null, inf)
+        summary["random_weights"] = plan.arch.random_weights
         store.write_json(run_dir / "summary.json", summary)
     manifest.update(status="complete", finished=store.now(), null={"method": null.method, "exact": null.exact,
                                                                      "flips": null.result.n_flips})

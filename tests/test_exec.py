@@ -140,3 +140,22 @@ def test_text_encoder_runs_only_needed_layers_with_identical_states():
             lean = run()
     assert len(encoder.model.layers) == 6
     assert all(torch.equal(full[k], lean[k]) for k in range(4))
+
+
+def test_reference_image_from_a_file_beside_the_spec(runner, small_run, tmp_path):
+    """A spec may give the reference as an image file (relative to the spec's folder) instead of a prompt."""
+    import shutil
+
+    text = (SPECS / "pass" / "small.toml").read_text()
+    text = text.replace('prompt = "A photographic kitchen scene, no people present"', 'image = "kitchen.png"')
+    shutil.copy(small_run / "reference.png", tmp_path / "kitchen.png")
+    (tmp_path / "from_file.toml").write_text(text)
+    run = _exec(runner, tmp_path / "from_file.toml", tmp_path)
+    # The same image as the generated reference gives the same probe numbers.
+    a, b = read_tensors(small_run / "rms.safetensors"), read_tensors(run / "rms.safetensors")
+    np.testing.assert_allclose(a["rms"], b["rms"], rtol=1e-6)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["spec"]["reference"]["image"] == str(tmp_path / "kitchen.png")
+    (tmp_path / "kitchen.png").unlink()
+    result = runner.invoke(main, ["exec", str(tmp_path / "from_file.toml"), "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "reference.image: no such file" in result.output

@@ -65,7 +65,7 @@ setup(
     version="0.1.0",
     description="Paired-prompt probes of diffusion-transformer attention heads, from a TOML spec",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["otherview", "otherview.*"]),
     package_data={"otherview": ["configs/*.jinja", "configs/*/*.json"]},
     install_requires=[

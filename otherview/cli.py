@@ -94,7 +94,7 @@ def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compi
     """Run SPEC end to end and write its run directory and report."""
     from .capture import CaptureError
     from .interpreter import execute
-    from .model import ModelUnavailable
+    from .model import ModelSettingError, ModelUnavailable
     from .plan import PlanError
     from .spec import with_overrides
 
@@ -110,7 +110,7 @@ def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compi
 
     try:
         run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress)
-    except (PlanError, CaptureError) as exc:
+    except (PlanError, CaptureError, ModelSettingError) as exc:
         _fail(f"error: {exc}", EXIT_SPEC)
     except ModelUnavailable as exc:
         _fail(f"error: {exc}", EXIT_UNAVAILABLE)

@@ -100,7 +100,7 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk
     chunk = chunk or (32 if dev.type == "cuda" else 8)
     prompts = plan.prompts
     embeds = []
-    with _only_needed_layers(pipe.text_encoder, max(plan.arch.text_encoder_out_layers)):
+    with model_mod.only_needed_layers(pipe.text_encoder, max(plan.arch.text_encoder_out_layers)):
         for i in range(0, len(prompts), chunk):
             e, text_ids = pipe.encode_prompt(prompt=prompts[i:i + chunk], device=dev,
                                              max_sequence_length=plan.text_tokens,
@@ -121,26 +121,6 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk
     return ProbeInputs(prompt_embeds=prompt_embeds, text_ids=text_ids[:1], latents=latents, latent_ids=latent_ids,
                        image_latents=image_latents.to(loaded.dtype), image_latent_ids=image_latent_ids,
                        prompt_index={p: i for i, p in enumerate(prompts)})
-
-
-@contextmanager
-def _only_needed_layers(text_encoder, last: int):
-    """Run only the text encoder's layers up to the deepest hidden state the pipeline stacks.
-
-    ``hidden_states[k]`` is the input of layer k, so layers past ``last`` change nothing that is used
-    (Klein 4B stacks states 9, 18 and 27 of a 36-layer Qwen3: a quarter of its compute is skipped).
-    The states used are bitwise those of the full model; the layer list is restored on exit.
-    """
-    model = getattr(text_encoder, "model", None)
-    layers = getattr(model, "layers", None)
-    if layers is None or last + 1 >= len(layers):
-        yield
-        return
-    model.layers = torch.nn.ModuleList(list(layers)[: last + 1])
-    try:
-        yield
-    finally:
-        model.layers = layers
 
 
 def auto_batch_size(plan: Plan, device: torch.device) -> int:
@@ -235,33 +215,6 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def compile_transformer(loaded: model_mod.LoadedModel, backend: str = "inductor") -> None:
-    """Compile ``loaded``'s transformer in place with ``torch.compile`` (once per loaded model).
-
-    In place (``nn.Module.compile``), so the pipeline's own calls (the reference image) and the probe
-    passes both run compiled. Static shapes: each distinct input shape (the reference's, the probe
-    batch's) compiles one graph, and probe batches all have one shape (the last is padded). Capture
-    hooks on submodules are traced into the probe graph.
-    """
-    if loaded.cache.get("compiled") is None:
-        loaded.pipe.transformer.compile(dynamic=False, backend=backend)
-        loaded.cache["compiled"] = backend
-    elif loaded.cache["compiled"] != backend:
-        raise PlanError(f"runtime.compile_backend: this model was already compiled with '{loaded.cache['compiled']}'")
-
-
-def set_attention_backend(loaded: model_mod.LoadedModel, name: str) -> None:
-    """Select a diffusers attention backend by name ("default" leaves the model's own, SDPA)."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    if name == "default":
-        return
-    known = [b.value for b in AttentionBackendName]
-    if name not in known:
-        raise PlanError(f"runtime.attention_backend: unknown backend '{name}' (known: {', '.join(known)})")
-    loaded.pipe.transformer.set_attention_backend(name)
-
-
 def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: inference.UnitInference) -> list[dict]:
     """Return units.csv's rows: where each unit sits, its effect (mean d, t, d_z and interval) and p-values."""
     mean_d = d.mean(axis=0)
@@ -292,6 +245,7 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
     if spec.reference.image is not None:
         spec = with_overrides(spec, {"reference.image": str(resolve_image(spec.reference.image, spec_path))})
+    model_mod.check_attention_backend(spec.runtime.attention_backend)  # before minutes of loading
     arch = model_mod.architecture(spec.model.source)
     plan = build_plan(spec, arch)
     device = model_mod.resolve_device(spec.model.device)
@@ -329,12 +283,12 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
             say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
             loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
     manifest["model"].update(loaded.info)
-    set_attention_backend(loaded, spec.runtime.attention_backend)
+    model_mod.set_attention_backend(loaded, spec.runtime.attention_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     compiled = use_compile(spec.runtime.compile, device)
     if compiled:
-        compile_transformer(loaded, spec.runtime.compile_backend)
+        model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
         if spec.reference.prompt is not None:
             # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
             with phases("compile", device):

@@ -10,6 +10,7 @@ benchmarks). Nothing is downloaded: this module reads configs without allocating
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ MARKER = "otherview.json"  # written beside a saved built-in pipeline: it carrie
 
 class ModelUnavailable(Exception):
     """The model cannot be found or loaded here; the message names the fix."""
+
+
+class ModelSettingError(ValueError):
+    """A spec's runtime setting does not fit the model (e.g. an unknown attention backend)."""
 
 
 @dataclass(frozen=True)
@@ -289,3 +294,54 @@ def _from_pretrained(source: str, dtype: torch.dtype):
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None
         raise ModelUnavailable(_unavailable_message(source)) from None
+
+
+def compile_transformer(loaded: LoadedModel, backend: str = "inductor") -> None:
+    """Compile ``loaded``'s transformer in place with ``torch.compile`` (once per loaded model).
+
+    In place (``nn.Module.compile``), so the pipeline's own calls (the reference image) and the probe
+    passes both run compiled. Static shapes: each distinct input shape (the reference's, the probe
+    batch's) compiles one graph, and probe batches all have one shape (the last is padded). Capture
+    hooks on submodules are traced into the probe graph.
+    """
+    if loaded.cache.get("compiled") is None:
+        loaded.pipe.transformer.compile(dynamic=False, backend=backend)
+        loaded.cache["compiled"] = backend
+    elif loaded.cache["compiled"] != backend:
+        raise ModelSettingError(f"runtime.compile_backend: this model was already compiled with '{loaded.cache['compiled']}'")
+
+
+def check_attention_backend(name: str) -> None:
+    """Raise ``ModelSettingError`` unless ``name`` is "default" or a diffusers attention backend."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [b.value for b in AttentionBackendName]
+    if name != "default" and name not in known:
+        raise ModelSettingError(f"runtime.attention_backend: unknown backend '{name}' (known: {', '.join(known)})")
+
+
+def set_attention_backend(loaded: LoadedModel, name: str) -> None:
+    """Select a diffusers attention backend by name ("default" leaves the model's own, SDPA)."""
+    check_attention_backend(name)
+    if name != "default":
+        loaded.pipe.transformer.set_attention_backend(name)
+
+
+@contextmanager
+def only_needed_layers(text_encoder, last: int):
+    """Run only the text encoder's layers up to the deepest hidden state the pipeline stacks.
+
+    ``hidden_states[k]`` is the input of layer k, so layers past ``last`` change nothing that is used
+    (Klein 4B stacks states 9, 18 and 27 of a 36-layer Qwen3: a quarter of its compute is skipped).
+    The states used are bitwise those of the full model; the layer list is restored on exit.
+    """
+    model = getattr(text_encoder, "model", None)
+    layers = getattr(model, "layers", None)
+    if layers is None or last + 1 >= len(layers):
+        yield
+        return
+    model.layers = torch.nn.ModuleList(list(layers)[: last + 1])
+    try:
+        yield
+    finally:
+        model.layers = layers

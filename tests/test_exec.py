@@ -124,7 +124,7 @@ def test_text_encoder_runs_only_needed_layers_with_identical_states():
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from otherview.interpreter import _only_needed_layers
+    from otherview.model import only_needed_layers
 
     torch.manual_seed(0)
     encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
@@ -135,7 +135,7 @@ def test_text_encoder_runs_only_needed_layers_with_identical_states():
                           use_cache=False).hidden_states
     with torch.no_grad():
         full = run()
-        with _only_needed_layers(encoder, 3):
+        with only_needed_layers(encoder, 3):
             assert len(encoder.model.layers) == 4
             lean = run()
     assert len(encoder.model.layers) == 6
@@ -159,3 +159,10 @@ def test_reference_image_from_a_file_beside_the_spec(runner, small_run, tmp_path
     (tmp_path / "kitchen.png").unlink()
     result = runner.invoke(main, ["exec", str(tmp_path / "from_file.toml"), "--out", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "reference.image: no such file" in result.output
+
+
+def test_unknown_attention_backend_is_a_spec_error(runner, tmp_path):
+    result = runner.invoke(main, ["exec", str(SPECS / "pass" / "small.toml"), "--out", str(tmp_path),
+                                  "--attention-backend", "warp-speed"])
+    assert result.exit_code == 2
+    assert "runtime.attention_backend: unknown backend 'warp-speed'" in result.output

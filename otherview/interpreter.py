@@ -330,6 +330,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
             rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say)
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed
     del inputs, buffer
     with phases("statistics"):
         d = stats.paired_differences(rms, plan)

@@ -166,3 +166,22 @@ def test_unknown_attention_backend_is_a_spec_error(runner, tmp_path):
                                   "--attention-backend", "warp-speed"])
     assert result.exit_code == 2
     assert "runtime.attention_backend: unknown backend 'warp-speed'" in result.output
+
+
+def test_a_crash_leaves_a_run_directory_that_says_how_far_it_got(tmp_path, monkeypatch):
+    from otherview import interpreter, stats
+    from otherview.spec import load_spec
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in the null")
+
+    monkeypatch.setattr(stats, "sign_flip_null", boom)
+    spec, raw = load_spec(SPECS / "pass" / "small.toml")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        interpreter.execute(spec, raw, "small.toml", out_dir=str(tmp_path))
+    run = next(tmp_path.iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "simulated crash" in manifest["error"]
+    assert "probe" in manifest["phases"]
+    assert read_tensors(run / "rms.safetensors")["rms"].shape == (12, 10)  # the probes are not lost
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

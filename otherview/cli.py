@@ -77,8 +77,18 @@ def plan(spec_path: str, model_override: str | None) -> None:
     """Compile SPEC into its passes and print them, without loading weights."""
     from .plan import describe
 
+    from .model import ModelUnavailable, resolve_device
+    from .stats import choose_method
+
     spec, _ = _load(spec_path)
-    click.echo(describe(_plan(spec, model_override)))
+    plan_ = _plan(spec, model_override)
+    click.echo(describe(plan_))
+    try:
+        device = resolve_device(spec.model.device)
+    except ModelUnavailable as exc:
+        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+    method = choose_method(spec.null.method, len(spec.axis.fillers), plan_.n_units, device)
+    click.echo(f"null method on this machine ({device}): {method}")
 
 
 @main.command(name="exec")

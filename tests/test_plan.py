@@ -75,6 +75,8 @@ def test_plan_command_prints_passes_and_units(runner):
     assert result.exit_code == 0, result.output
     assert "probe passes: 60" in result.output and "units: 16320" in result.output
     assert "RANDOM WEIGHTS" in result.output and "2^29" in result.output
+    # 2^29 flips x 16,320 units is over this CPU's exact budget: auto falls back to random flips here.
+    assert "null method on this machine (cpu): random" in result.output
 
 
 def test_plan_unknown_model_names_the_fix(runner, tmp_path):

@@ -142,12 +142,6 @@ def _hist_mean(h: np.ndarray, values: np.ndarray) -> float:
     return float((h * values).sum() / h.sum())
 
 
-def _hist_quantile(h: np.ndarray, q: float) -> int:
-    """Return the smallest bin whose cumulative share of ``h`` is >= ``q``."""
-    cdf = np.cumsum(h) / h.sum()
-    return int(np.searchsorted(cdf, q - 1e-12, side="left"))
-
-
 def card_table(t: np.ndarray, null: NullSummary) -> list[dict]:
     """Return the card's Results rows: per threshold, units over it observed vs the null; then max |t|.
 
@@ -169,7 +163,7 @@ def card_table(t: np.ndarray, null: NullSummary) -> list[dict]:
     for k, c in enumerate(null.thresholds):
         observed = int((abs_t > c).sum())
         h = _drop_identity(res.count_hist[k].numpy(), observed)
-        nq = float(_hist_quantile(h, q))
+        nq = float(signflip_ops.hist_quantile(h, q))
         rows.append({"metric": f"units with |t|>{c:g}", "threshold": c, "observed": observed,
                      "fraction": observed / max(len(t), 1), "null_mean": _hist_mean(h, np.arange(h.size)), "null_q": nq,
                      "ratio": observed / nq if nq > 0 else None})
@@ -182,5 +176,5 @@ def card_table(t: np.ndarray, null: NullSummary) -> list[dict]:
         to_t = lambda r: r * np.sqrt((n - 1) / np.maximum(1.0 - r * r, 0.0)) if n > 1 else 0 * r  # noqa: E731
     mid = to_t((np.arange(bins) + 0.5) / bins)
     rows.append({"metric": "max |t|", "threshold": None, "observed": max_t, "fraction": None,
-                 "null_mean": _hist_mean(h, mid), "null_q": float(to_t(edges[_hist_quantile(h, q)])), "ratio": None})
+                 "null_mean": _hist_mean(h, mid), "null_q": float(to_t(edges[signflip_ops.hist_quantile(h, q)])), "ratio": None})
     return rows

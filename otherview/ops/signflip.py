@@ -122,7 +122,7 @@ class NullResult(NamedTuple):
 
     def count_quantile(self, k: int, q: float) -> int:
         """Return the smallest unit count ``j`` whose null CDF ``P(count <= j)`` is >= ``q``."""
-        return _hist_quantile(self.count_hist[k].numpy(), q)
+        return hist_quantile(self.count_hist[k].numpy(), q)
 
     def _r_to_t(self, r: np.ndarray) -> np.ndarray:
         if self.n_pairs < 2:
@@ -137,7 +137,7 @@ class NullResult(NamedTuple):
         into ``|t|``: an upper bound on the quantile, off by at most one bin width in ``r``. The
         top bin's upper edge is ``r = 1``, which is ``|t| = inf`` (returned as such).
         """
-        b = _hist_quantile(self.max_hist.numpy(), q)
+        b = hist_quantile(self.max_hist.numpy(), q)
         return float(self._r_to_t(np.array([(b + 1) / self.max_hist.numel()]))[0])
 
     def max_t_mean(self) -> float:
@@ -150,7 +150,8 @@ class NullResult(NamedTuple):
         return float((h * self._r_to_t(mid)).sum() / h.sum())
 
 
-def _hist_quantile(h: np.ndarray, q: float) -> int:
+def hist_quantile(h: np.ndarray, q: float) -> int:
+    """Return the smallest bin whose cumulative share of histogram ``h`` is >= ``q``."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
     cdf = np.cumsum(h.astype(np.float64)) / h.sum()

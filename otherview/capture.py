@@ -57,7 +57,7 @@ class Capture:
 
     def rms(self) -> torch.Tensor:
         """Return the per-sample, per-unit RMS of the current batch as fp32 ``[batch, units]`` on the host."""
-        g = self.plan.spec.capture.unit_width
+        g = self.plan.unit_width
         counts = torch.empty(self.plan.n_units, dtype=torch.float32)
         for site in self.plan.sites:
             n = (site.segment[1] - site.segment[0]) * g * max(self.evaluations, 1)
@@ -136,7 +136,7 @@ def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kerne
             module = modules.get(site.name)
             if module is None:
                 raise CaptureError(f"capture.sites: no module named '{site.name}' in {type(transformer).__name__}")
-            capture.handles.append(module.register_forward_pre_hook(_make_hook(capture, site, plan.spec.capture.unit_width, accumulate)))
+            capture.handles.append(module.register_forward_pre_hook(_make_hook(capture, site, plan.unit_width, accumulate)))
             log.debug("capture hook on %s (units %d..%d)", site.name, site.unit_offset, site.unit_offset + site.n_units - 1)
     except BaseException:
         capture.detach()

@@ -24,26 +24,39 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _load(path: str):
+def _problems(source: str, problems) -> str:
+    return "\n".join(f"{source}: {p}: {m}" if p else f"{source}: {m}" for p, m in problems)
+
+
+def _load(path: str, design: bool = True):
+    """Return (spec, raw text, design) of the spec at ``path``; exit 2 naming every problem."""
+    from .design import DesignError, build_design
     from .spec import SpecError, load_spec
 
     try:
-        return load_spec(path)
+        spec, raw = load_spec(path)
     except SpecError as exc:
         _fail(exc.format(), EXIT_SPEC)
+    if not design:
+        return spec, raw, None
+    try:
+        return spec, raw, build_design(spec)
+    except DesignError as exc:
+        _fail(_problems(path, exc.problems), EXIT_SPEC)
 
 
-def _plan(spec, model_override: str | None):
+def _plan(spec, model_override: str | None, path: str, design=None):
+    from .design import DesignError
     from .model import ModelUnavailable, architecture
     from .plan import PlanError, build_plan
 
     source = model_override or spec.model.source
     try:
-        return build_plan(spec, architecture(source))
-    except PlanError as exc:
-        _fail(f"error: {exc}", EXIT_SPEC)
+        return build_plan(spec, architecture(source), design)
+    except (PlanError, DesignError) as exc:
+        _fail(_problems(path, exc.problems), EXIT_SPEC)
     except ModelUnavailable as exc:
-        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+        _fail(f"{path}: model.source: {exc}", EXIT_UNAVAILABLE)
 
 
 MODEL_OPTION = click.option("--model", "model_override", metavar="SOURCE",
@@ -66,23 +79,26 @@ def main(verbose: int) -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 def validate(spec_path: str) -> None:
     """Check SPEC and report every problem (exit 2 if any)."""
-    spec, _ = _load(spec_path)
-    click.echo(f"{spec_path}: ok ({len(spec.axis.fillers)} {spec.axis.name}, {len(spec.conditions)} conditions)")
+    spec, _, design = _load(spec_path)
+    click.echo(f"{spec_path}: ok ({len(spec.axis.fillers)} {spec.axis.name}, {len(spec.conditions)} conditions, "
+               f"{len(design.contrasts)} contrast(s), {len(design.specificity)} specificity test(s), "
+               f"{len(design.passes)} probe passes)")
 
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @MODEL_OPTION
-def plan(spec_path: str, model_override: str | None) -> None:
+@click.option("--prompts", is_flag=True, help="Also print every rendered prompt, one line per pass.")
+def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
     """Compile SPEC into its passes and print them, without loading weights."""
     from .plan import describe
 
     from .model import ModelUnavailable, resolve_device
     from .stats import choose_method
 
-    spec, _ = _load(spec_path)
-    plan_ = _plan(spec, model_override)
-    click.echo(describe(plan_))
+    spec, _, design = _load(spec_path)
+    plan_ = _plan(spec, model_override, spec_path, design)
+    click.echo(describe(plan_, prompts=prompts))
     try:
         device = resolve_device(spec.model.device)
     except ModelUnavailable as exc:
@@ -108,10 +124,10 @@ def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compi
     from .plan import PlanError
     from .spec import with_overrides
 
-    spec, raw = _load(spec_path)
+    spec, raw, design = _load(spec_path)
     spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
                                  "runtime.attention_backend": attention_backend})
-    _plan(spec, model_override)  # fail fast, before any weights are touched
+    _plan(spec, model_override, spec_path, design)  # fail fast, before any weights are touched
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
@@ -120,8 +136,10 @@ def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compi
 
     try:
         run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress)
-    except (PlanError, CaptureError, ModelSettingError) as exc:
-        _fail(f"error: {exc}", EXIT_SPEC)
+    except PlanError as exc:
+        _fail(_problems(spec_path, exc.problems), EXIT_SPEC)
+    except (CaptureError, ModelSettingError) as exc:
+        _fail(f"{spec_path}: {exc}", EXIT_SPEC)
     except ModelUnavailable as exc:
         _fail(f"error: {exc}", EXIT_UNAVAILABLE)
     click.echo(str(run_dir))

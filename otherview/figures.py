@@ -78,7 +78,7 @@ def _pool_max_abs(grid: np.ndarray, factor: int) -> np.ndarray:
     return np.take_along_axis(blocks, pick[..., None], axis=2)[..., 0]
 
 
-def t_map(path: Path, t: np.ndarray, sites: list[dict], contrast: str) -> str:
+def t_map(path: Path, t: np.ndarray, sites: list[dict], contrast: str, unit_width: int = 16) -> str:
     """Draw the site x unit map of t (rows: blocks; columns: units, attention then MLP); return its caption."""
     groups = _site_groups(sites)
     width = max(s["n_units"] for s in sites)
@@ -112,7 +112,7 @@ def t_map(path: Path, t: np.ndarray, sites: list[dict], contrast: str) -> str:
         if group[0]["n_units"] < width:
             ax.text((group[0]["n_units"] + width) / 2, 0.5, "no units\n(attention output only)", ha="center",
                     va="center", transform=ax.get_xaxis_transform(), color="#555555")
-    axes[-1, 0].set_xlabel("unit (16-channel group of the projection input)")
+    axes[-1, 0].set_xlabel(f"unit ({unit_width}-channel group of the projection input)")
     fig.supylabel("block", fontsize=7)
     bar = fig.colorbar(image, ax=axes[:, 0], orientation="horizontal", fraction=0.06, aspect=35,
                        extend="both" if clipped else "neither")
@@ -241,27 +241,61 @@ def axis_units(path: Path, d: np.ndarray, covariate: np.ndarray, fillers: list[s
             "permutation null).")
 
 
+def specificity_scatter(path: Path, t_effect: np.ndarray, t_control: np.ndarray, passed: np.ndarray,
+                        effect: str, control: str) -> str:
+    """Draw t(effect) against t(control) per unit, the conjunction's units marked; return its caption."""
+    fig, ax = plt.subplots(figsize=(WIDTH, WIDTH * 0.9), layout="constrained")
+    finite = np.isfinite(t_effect) & np.isfinite(t_control)
+    te, tc, ok = t_effect[finite], t_control[finite], passed[finite]
+    lim = float(np.percentile(np.abs(np.concatenate([te, tc])), 99.9)) if te.size else 1.0
+    lim = max(lim, 1.0) * 1.05
+    ax.scatter(tc[~ok], te[~ok], s=1.5, color=NULL_GREY, alpha=0.5, lw=0, label="other units", rasterized=True)
+    ax.scatter(tc[ok], te[ok], s=2.5, color=OBSERVED, lw=0, label="pass the conjunction", rasterized=True)
+    ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.6, ls=":")
+    ax.axhline(0, color="#bbbbbb", lw=0.5)
+    ax.axvline(0, color="#bbbbbb", lw=0.5)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel(f"paired t, control ({control})")
+    ax.set_ylabel(f"paired t, effect ({effect})")
+    ax.legend(loc="upper left", frameon=False, markerscale=3)
+    _save(fig, path)
+    clipped = int((~finite).sum())
+    return (f"Per unit, the paired t of the effect ({effect}) against that of the control ({control}); vermillion: "
+            "units passing the specificity conjunction (effect and effect − control significant after family-wise "
+            "correction, same sign); dotted: equal t." + (f" {clipped} units with infinite t are not drawn." if clipped
+                                                           else ""))
+
+
 def write_figures(run_dir: Path, manifest: dict, summary: dict, workers=None) -> list[Figure]:
     """Draw every figure of a run into ``run_dir/figures`` from the run's files; return them in order."""
     run_dir = Path(run_dir)
     arrays = store.read_tensors(run_dir / "rms.safetensors")
     null = store.read_tensors(run_dir / "null.safetensors")
-    spec = manifest["spec"]
-    contrast = f"{spec['contrast']['a']} − {spec['contrast']['b']}"
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
-    axis = summary["axis"]
-    figures = []
-    jobs = [("figures/t_map.png", t_map, (out / "t_map.png", arrays["t"], summary["layout"]["sites"], contrast)),
-            ("figures/null_counts.png", null_counts,
-             (out / "null_counts.png", null["count_hist"], summary["card_table"], summary["null"]["quantile"],
-              summary["n_units"])),
-            ("figures/block_bars.png", block_bars,
-             (out / "block_bars.png", summary["groups"]["sites"], summary["null"]["thresholds"]))]
-    if axis["top_units"]:
-        jobs.append(("figures/axis_units.png", axis_units,
-                     (out / "axis_units.png", arrays["d"], np.asarray(axis["ranks"]), axis["fillers"],
-                      axis["top_units"][:TOP_AXIS_UNITS], axis["name"], contrast)))
+    jobs = []
+    for s in summary["specificity"]:
+        name = f"{s['key']}.specificity.png"
+        jobs.append((f"figures/{name}", specificity_scatter,
+                     (out / name, arrays[f"{s['effect']}/t"], arrays[f"{s['control']}/t"],
+                      arrays[f"{s['key']}/passed"].astype(bool), s["effect_label"], s["control_label"])))
+    single = len(summary["analyses"]) == 1
+    for a in summary["analyses"]:
+        key, contrast, axis = a["key"], a["label"], a["axis"]
+        prefix = "" if single else f"{key}."
+        jobs += [(f"figures/{prefix}t_map.png", t_map, (out / f"{prefix}t_map.png", arrays[f"{key}/t"],
+                                                         summary["layout"]["sites"], contrast,
+                                                         summary["layout"]["unit_width"])),
+                 (f"figures/{prefix}null_counts.png", null_counts,
+                  (out / f"{prefix}null_counts.png", null[f"{key}/count_hist"], a["card_table"], a["null"]["quantile"],
+                   summary["n_units"])),
+                 (f"figures/{prefix}block_bars.png", block_bars,
+                  (out / f"{prefix}block_bars.png", a["groups"]["sites"], a["null"]["thresholds"]))]
+        if axis["top_units"]:
+            jobs.append((f"figures/{prefix}axis_units.png", axis_units,
+                         (out / f"{prefix}axis_units.png", arrays[f"{key}/d"], np.asarray(axis["ranks"]),
+                          axis["fillers"], axis["top_units"][:TOP_AXIS_UNITS], axis["name"], contrast)))
     mark = "RANDOM WEIGHTS" if manifest.get("random_weights") else ""
     jobs = [(*job, mark) for job in jobs]
     return [Figure(path, caption) for (path, _, _, _), caption in zip(jobs, _draw_all(jobs, workers))]

@@ -10,6 +10,8 @@ leaves a run directory that says how far it got.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import time
@@ -21,14 +23,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import analysis as analysis_mod
 from . import capture as capture_mod
 from . import figures
-from . import inference
 from . import model as model_mod
 from . import report as report_mod
-from . import stats, store
+from . import store
+from . import summary as summary_mod
 from .plan import Plan, PlanError, build_plan
-from .spec import Spec, spec_hash, with_overrides
+from .spec import Spec, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,9 @@ class ProbeInputs:
 
     prompt_embeds: torch.Tensor  # [n_prompts, text_tokens, joint_dim]
     text_ids: torch.Tensor  # [1, text_tokens, 4]
-    latents: torch.Tensor  # [1, target_tokens, channels] the shared initial noise
+    latents: torch.Tensor  # [n_seeds, target_tokens, channels] the initial noise of each probe seed
     latent_ids: torch.Tensor  # [1, target_tokens, 4]
-    image_latents: torch.Tensor  # [1, reference_tokens, channels]
+    image_latents: torch.Tensor  # [n_scenes, reference_tokens, channels]
     image_latent_ids: torch.Tensor  # [1, reference_tokens, 4]
     prompt_index: dict[str, int]
 
@@ -68,36 +71,79 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def resolve_image(image: str, spec_path: str) -> Path:
-    """Return the reference image file of a spec: a relative path is relative to the spec's folder."""
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def resolve_image(image: str, spec_path: str, where: str = "reference.image") -> Path:
+    """Return a reference image file of a spec, checked to be a readable image of sane size.
+
+    A relative path is relative to the spec's folder.
+    """
+    from PIL import Image, UnidentifiedImageError
+
     path = Path(image).expanduser()
     if not path.is_absolute():
         path = Path(spec_path).resolve().parent / path
     if not path.is_file():
-        raise PlanError(f"reference.image: no such file '{path}'")
+        raise PlanError([(where, f"no such file '{path}'")])
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise PlanError([(where, f"'{path}' is {im.width}x{im.height}, more than {MAX_IMAGE_PIXELS:,} pixels")])
+            im.verify()
+    except PlanError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise PlanError([(where, f"'{path}' is not a readable image ({exc})")]) from None
     return path
 
 
-def generate_reference(loaded: model_mod.LoadedModel, plan: Plan):
-    """Return the reference image (PIL) generated from the spec's prompt, or loaded from its file."""
-    spec = plan.spec
-    if spec.reference.image is not None:
-        from PIL import Image
+def resolve_images(spec: Spec, spec_path: str) -> Spec:
+    """Return ``spec`` with every reference image path resolved (relative to the spec) and checked."""
+    ref = spec.reference
+    if ref.image is not None:
+        ref = ref.model_copy(update={"image": str(resolve_image(ref.image, spec_path))})
+    if ref.scenes is not None:
+        scenes = [sc.model_copy(update={"image": str(resolve_image(sc.image, spec_path, f"reference.scenes[{k}].image"))})
+                  if sc.image is not None else sc for k, sc in enumerate(ref.scenes)]
+        ref = ref.model_copy(update={"scenes": scenes})
+    return spec.model_copy(update={"reference": ref})
 
-        return Image.open(spec.reference.image).convert("RGB")
-    return loaded.pipe(prompt=spec.reference.prompt, height=plan.height, width=plan.width,
-                       num_inference_steps=spec.reference.steps, guidance_scale=spec.reference.guidance_scale,
-                       generator=_generator(spec.reference.seed), max_sequence_length=plan.text_tokens,
-                       text_encoder_out_layers=plan.arch.text_encoder_out_layers).images[0]
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf where values must be finite (reference image, activations)."""
+
+
+def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None):
+    """Return a scene's reference image (PIL), generated from its prompt or loaded from its file.
+
+    A generated image is checked before it is quantised to 8 bits: NaN or inf (which PIL would
+    save as black) raises ``NonFiniteError``.
+    """
+    from PIL import Image
+
+    spec = plan.spec
+    scene = scene or plan.design.scenes[0]
+    if scene.image is not None:
+        return Image.open(scene.image).convert("RGB")
+    pixels = loaded.pipe(prompt=scene.prompt, height=plan.height, width=plan.width,
+                         num_inference_steps=spec.reference.steps, guidance_scale=spec.reference.guidance_scale,
+                         generator=_generator(scene.seed), max_sequence_length=plan.text_tokens,
+                         text_encoder_out_layers=plan.arch.text_encoder_out_layers, output_type="np").images[0]
+    if not np.isfinite(pixels).all():
+        raise NonFiniteError(f"the reference image of scene '{scene.name}' came out NaN or inf "
+                             f"({int((~np.isfinite(pixels)).sum()):,} values): check reference.guidance_scale "
+                             "and the model's weights")
+    return Image.fromarray((pixels * 255).round().astype("uint8"))
 
 
 @torch.no_grad()
-def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk: int | None = None) -> ProbeInputs:
-    """Return prompt embeddings (each distinct prompt once), the shared noise and the reference latents."""
+def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, images: list, chunk: int | None = None) -> ProbeInputs:
+    """Return prompt embeddings (each distinct prompt once), each seed's noise and each scene's reference latents."""
     pipe, dev = loaded.pipe, loaded.device
     # Prompts are padded to max_sequence_length, so a chunk of 32 is 16k tokens through the text
     # encoder: big enough to keep a GPU busy, small enough for its hidden states to fit.
-    chunk = chunk or (32 if dev.type == "cuda" else 8)
+    chunk = chunk or 32
     prompts = plan.prompts
     embeds = []
     with model_mod.only_needed_layers(pipe.text_encoder, max(plan.arch.text_encoder_out_layers)):
@@ -108,13 +154,21 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk
             embeds.append(e)
     prompt_embeds = torch.cat(embeds).to(loaded.dtype)
     channels = pipe.transformer.config.in_channels // 4
-    latents, latent_ids = pipe.prepare_latents(batch_size=1, num_latents_channels=channels, height=plan.height,
-                                               width=plan.width, dtype=loaded.dtype, device=dev,
-                                               generator=_generator(plan.spec.probe.seed))
-    pixels = pipe.image_processor.preprocess(image, height=plan.height, width=plan.width, resize_mode="crop")
-    image_latents, image_latent_ids = pipe.prepare_image_latents(images=[pixels], batch_size=1,
-                                                                 generator=_generator(plan.spec.probe.seed),
-                                                                 device=dev, dtype=pipe.vae.dtype)
+    noise = []
+    for seed in plan.design.seeds:
+        latents, latent_ids = pipe.prepare_latents(batch_size=1, num_latents_channels=channels, height=plan.height,
+                                                   width=plan.width, dtype=loaded.dtype, device=dev,
+                                                   generator=_generator(seed))
+        noise.append(latents)
+    refs = []
+    for image in images:
+        pixels = pipe.image_processor.preprocess(image, height=plan.height, width=plan.width, resize_mode="crop")
+        # The VAE encoder's sampling uses the first probe seed's generator, as before scenes existed.
+        ref, image_latent_ids = pipe.prepare_image_latents(images=[pixels], batch_size=1,
+                                                           generator=_generator(plan.design.seeds[0]),
+                                                           device=dev, dtype=pipe.vae.dtype)
+        refs.append(ref)
+    latents, image_latents = torch.cat(noise), torch.cat(refs)
     if image_latents.shape[1] != plan.reference_tokens or latents.shape[1] != plan.target_tokens:
         raise RuntimeError(f"token counts differ from the plan: target {latents.shape[1]} vs {plan.target_tokens}, "
                            f"reference {image_latents.shape[1]} vs {plan.reference_tokens}")
@@ -126,13 +180,15 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, image, chunk
 def auto_batch_size(plan: Plan, device: torch.device) -> int:
     """Return a probe batch size: all passes on the CPU's small models, sized to free memory on CUDA."""
     n = len(plan.passes)
-    if device.type != "cuda":
-        return min(n, 8)
-    free, _ = torch.cuda.mem_get_info(device)
     tokens = plan.text_tokens + plan.target_tokens + plan.reference_tokens
     # A single-stream block holds a few [tokens, 4 x inner] bf16 tensors at once; 24 inner-widths a
     # sample is a safe bound (Klein 4B, batch 20 on an H100: 31.9 GiB peak with all weights resident).
     per_sample = tokens * plan.arch.inner_dim * 2 * 24
+    if device.type != "cuda":
+        # Small models on a CPU: batches large enough that per-batch Python overhead does not
+        # dominate, within 1 GiB of activations.
+        return max(1, min(n, 64, int(2**30 // (per_sample * 2))))
+    free, _ = torch.cuda.mem_get_info(device)
     fit = max(1, int(free * 0.6 // per_sample))
     fit = min(fit, n, 32)
     # Prefer a size that divides the passes evenly: equal batches keep compiled graphs reusable.
@@ -142,47 +198,69 @@ def auto_batch_size(plan: Plan, device: torch.device) -> int:
     return fit
 
 
+def _check_batch_finite(rms: np.ndarray, plan: Plan, batch, step: int | None) -> None:
+    bad = ~np.isfinite(rms)
+    if not bad.any():
+        return
+    row, unit = (int(x[0]) for x in np.nonzero(bad))
+    p, u = batch[row], plan.units[unit]
+    where = "" if step is None else f", step {step}"
+    raise NonFiniteError(f"non-finite activations ({int(bad.sum())} values) at site {u.site} (unit {u.index}), pass "
+                         f"{p.index}{where}: condition '{p.condition}', item '{plan.design.items[p.item].value}', "
+                         f"scene '{plan.design.scenes[p.scene].name}', seed {p.seed}, wording {p.wording}; the model "
+                         "produced NaN or inf (check its weights, dtype and guidance)")
+
+
 @torch.no_grad()
 def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, cap: capture_mod.Capture,
                batch_size: int, on_batch: Callable[[int, np.ndarray], None] | None = None,
-               progress: Progress | None = None, max_batches: int | None = None) -> np.ndarray:
-    """Return the per-pass, per-unit RMS, shape (n_passes, n_units), running the passes in batches.
+               progress: Progress | None = None, max_batches: int | None = None, start_batch: int = 0,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Return the per-pass, per-unit RMS, shape (n_passes x n_step_levels, n_units), running passes in batches.
 
-    A short last batch is padded by repeating its last pass (results dropped) so every batch has
-    one shape and a compiled graph is reused rather than recompiled. ``max_batches`` stops early
-    (the compile warm-up runs one batch).
+    Row ``pass * n_step_levels + k``: the mean over steps (k = 0) or step k (``probe.capture_steps =
+    "each"``). Each row of a batch gets its own prompt embedding, noise (its seed's) and reference
+    latents (its scene's). A short last batch is padded by repeating its last pass (results dropped)
+    so every batch has one shape and a compiled graph is reused rather than recompiled.
+    ``max_batches`` stops early (the compile warm-up runs one batch); ``start_batch`` and ``out``
+    resume from a checkpoint.
     """
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
-    pipe, dev, spec = loaded.pipe, loaded.device, plan.spec
+    pipe, dev, spec, design = loaded.pipe, loaded.device, plan.spec, plan.design
     transformer = pipe.transformer
     dtype = transformer.dtype
     steps, guidance = spec.probe.steps, spec.probe.guidance_scale
+    each = design.steps != [None]
+    k_levels = len(design.steps)
     cfg = guidance > 1 and not pipe.config.is_distilled
-    out = np.zeros((len(plan.passes), plan.n_units), dtype=np.float32)
+    if out is None:
+        out = np.zeros((design.n_rows, plan.n_units), dtype=np.float32)
     negative = None
     if cfg:
         negative, _ = pipe.encode_prompt(prompt=[""], device=dev, max_sequence_length=plan.text_tokens,
                                          text_encoder_out_layers=plan.arch.text_encoder_out_layers)
         negative = negative.to(loaded.dtype)
     n_batches = math.ceil(len(plan.passes) / batch_size)
-    for k in range(n_batches if max_batches is None else min(max_batches, n_batches)):
+    stop = n_batches if max_batches is None else min(start_batch + max_batches, n_batches)
+    for k in range(start_batch, stop):
         batch = plan.passes[k * batch_size:(k + 1) * batch_size]
         real = len(batch)
         b = batch_size if n_batches > 1 else real
-        prompts = [p.prompt for p in batch] + [batch[-1].prompt] * (b - real)
-        idx = torch.tensor([inputs.prompt_index[p] for p in prompts], device=dev)
+        rows = batch + [batch[-1]] * (b - real)
+        idx = torch.tensor([inputs.prompt_index[p.prompt] for p in rows], device=dev)
         embeds = inputs.prompt_embeds.index_select(0, idx)
         text_ids = inputs.text_ids.expand(b, -1, -1)
-        latents = inputs.latents.expand(b, -1, -1).clone()
+        latents = inputs.latents.index_select(0, torch.tensor([p.seed_level for p in rows], device=dev))
         img_ids = torch.cat([inputs.latent_ids, inputs.image_latent_ids], dim=1).expand(b, -1, -1)
-        ref = inputs.image_latents.expand(b, -1, -1)
+        ref = inputs.image_latents.index_select(0, torch.tensor([p.scene for p in rows], device=dev))
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = compute_empirical_mu(image_seq_len=plan.target_tokens, num_steps=steps)
         timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, dev, sigmas=sigmas, mu=mu)
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
         cap.reset(b)
+        per_step = []
         for step, t in enumerate(timesteps):
             timestep = t.expand(b).to(latents.dtype) / 1000
             model_input = torch.cat([latents, ref], dim=1).to(dtype)
@@ -190,6 +268,9 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
             cap.evaluations += 1
             noise = transformer(hidden_states=model_input, timestep=timestep, guidance=None, encoder_hidden_states=embeds,
                                 txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0][:, : latents.shape[1]]
+            if each:  # this step's values, then a fresh accumulator for the next
+                per_step.append(cap.rms().numpy()[:real])
+                cap.reset(b)
             if cfg:
                 # Only the conditional evaluation is captured: the unconditional one is the same
                 # empty prompt for both members of every pair.
@@ -200,11 +281,13 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
                 noise = neg + guidance * (noise - neg)
             if step < len(timesteps) - 1:  # the last step's latents are never used: no decode, no step
                 latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
-        rms = cap.rms().numpy()[:real]
+        values = np.stack(per_step, axis=1) if each else cap.rms().numpy()[:real][:, None]  # [real, K, U]
+        for level in range(k_levels):
+            _check_batch_finite(values[:, level], plan, batch, design.steps[level])
         start = batch[0].index
-        out[start:start + real] = rms
+        out[start * k_levels:(start + real) * k_levels] = values.reshape(real * k_levels, -1)
         if on_batch is not None:
-            on_batch(start + real, out)
+            on_batch(k + 1, out)
         if progress is not None:
             progress(f"probe batch {k + 1}/{n_batches}: passes {start + 1}-{start + real} of {len(plan.passes)}")
     return out
@@ -215,19 +298,38 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def _unit_rows(plan: Plan, d: np.ndarray, t: np.ndarray, inf: inference.UnitInference) -> list[dict]:
-    """Return units.csv's rows: where each unit sits, its effect (mean d, t, d_z and interval) and p-values."""
-    mean_d = d.mean(axis=0)
+def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
+    """Return units.csv's rows: one per analysis and unit, where the unit sits and its statistics."""
     rows = []
-    for u in plan.units:
-        i = u.index
-        rows.append({"unit": i, "site": u.site, "stream": u.stream, "block": u.block, "channel_start": u.channel_start,
-                     "channel_end": u.channel_end, "kind": u.kind, "head": u.head, "subgroup": u.subgroup,
-                     "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
-                     "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
-                     "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]), "q": float(inf.q[i]),
-                     "axis_rho": float(inf.axis.rho[i]), "axis_p": float(inf.axis.p_uncorrected[i]),
-                     "axis_p_fwer": float(inf.axis.p_fwer[i]), "axis_q": float(inf.axis_q[i])})
+    for res in results.contrasts:
+        inf, d, t = res.inf, res.d, res.t
+        mean_d = d.mean(axis=0)
+        for u in plan.units:
+            i = u.index
+            rows.append({"analysis": res.key, "contrast": res.analysis.contrast,
+                         "step": "mean" if res.analysis.step is None else res.analysis.step,
+                         "unit": i, "site": u.site, "stream": u.stream, "block": u.block,
+                         "channel_start": u.channel_start, "channel_end": u.channel_end, "kind": u.kind,
+                         "head": u.head if u.kind == "attention" else "", "subgroup": u.subgroup,
+                         "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
+                         "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
+                         "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]),
+                         "q": float(inf.q[i]), "axis_rho": float(inf.axis.rho[i]),
+                         "axis_p": float(inf.axis.p_uncorrected[i]), "axis_p_fwer": float(inf.axis.p_fwer[i]),
+                         "axis_q": float(inf.axis_q[i])})
+    return rows
+
+
+def pass_rows(plan: Plan) -> list[dict]:
+    """Return passes.csv's rows: one per row of the per-pass arrays (a pass at a captured step level)."""
+    design, counts = plan.design, plan.token_counts or {}
+    rows = []
+    for p in plan.passes:
+        for k, step in enumerate(design.steps):
+            rows.append({"row": design.row(p.index, k), "pass": p.index, "condition": p.condition, "item": p.item,
+                         "item_value": design.items[p.item].value, "wording": p.wording,
+                         "scene": design.scenes[p.scene].name, "seed": p.seed, "step": "mean" if step is None else step,
+                         "prompt": p.prompt, "tokens": counts.get(p.prompt, "")})
     return rows
 
 
@@ -243,8 +345,7 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     say = progress or (lambda msg: log.info(msg))
     if model_override:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
-    if spec.reference.image is not None:
-        spec = with_overrides(spec, {"reference.image": str(resolve_image(spec.reference.image, spec_path))})
+    spec = resolve_images(spec, spec_path)
     model_mod.check_attention_backend(spec.runtime.attention_backend)  # before minutes of loading
     arch = model_mod.architecture(spec.model.source)
     plan = build_plan(spec, arch)
@@ -253,12 +354,14 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     phases = Phases()
     manifest = {"status": "running", "started": store.now(), "spec_path": spec_path, "spec_text": raw_text,
                 "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "random_weights": arch.random_weights,
-                "model": {"source": spec.model.source}, "seeds": {"reference": spec.reference.seed, "probe": spec.probe.seed,
-                                                                   "null": spec.null.seed},
+                "model": {"source": spec.model.source},
+                "seeds": {"reference": [sc.seed for sc in plan.design.scenes], "probe": plan.design.seeds,
+                          "null": spec.null.seed},
                 "resolution": [plan.height, plan.width], "resolution_note": plan.resolution_note,
                 "versions": store.versions(), "git_sha": store.git_sha(), "device": store.device_info(device),
                 "phases": phases.seconds}
     store.write_json(run_dir / "manifest.json", manifest)
+    store.write_csv(run_dir / "passes.csv", pass_rows(plan))
     say(f"run directory {run_dir}")
     own_workers = workers is None
     if own_workers:
@@ -275,6 +378,50 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     return run_dir
 
 
+def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Progress, device) -> list:
+    spec, images = plan.spec, []
+    with phases("reference", device):
+        for scene in plan.design.scenes:
+            say(f"reference image {scene.name}" + (f": {spec.reference.steps} steps, guidance "
+                                                   f"{spec.reference.guidance_scale}" if scene.prompt else f": {scene.image}"))
+            image = generate_reference(loaded, plan, scene)
+            name = "reference.png" if len(plan.design.scenes) == 1 else f"reference-{scene.name}.png"
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            store.atomic_write_bytes(run_dir / name, buf.getvalue())
+            images.append(image)
+    return images
+
+
+def _phase_statistics(plan: Plan, rms: np.ndarray, phases: Phases, say: Progress, device):
+    with phases("statistics"):
+        return analysis_mod.analyse(plan.design, rms, device, progress=say)
+
+
+def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases) -> None:
+    with phases("write"):
+        arrays = {"rms": rms}
+        nulls, infs, meta = {}, {}, {}
+        for res in results.contrasts:
+            k = res.key
+            arrays[f"{k}/d"], arrays[f"{k}/t"] = res.d, res.t
+            r = res.null.result
+            nulls.update({f"{k}/count_hist": r.count_hist, f"{k}/exceed": r.exceed, f"{k}/fwer_exceed": r.fwer_exceed,
+                          f"{k}/max_hist": r.max_hist})
+            meta[k] = {"mode": r.mode, "n_flips": int(r.n_flips)}
+            infs.update({f"{k}/{name}": v for name, v in res.inf.arrays().items()})
+        for s in results.specificity:
+            arrays[f"{s.key}/passed"] = s.passed.astype(np.uint8)
+        store.write_tensors(run_dir / "rms.safetensors", arrays,
+                            {"passes_done": str(len(plan.passes)), "random_weights": str(plan.arch.random_weights)})
+        store.write_tensors(run_dir / "null.safetensors", nulls, {"analyses": json.dumps(meta, sort_keys=True)})
+        store.write_tensors(run_dir / "inference.safetensors", infs)
+        store.write_csv(run_dir / "units.csv", _unit_rows(plan, results))
+        summary = summary_mod.summarise(plan, results)
+        summary["random_weights"] = plan.arch.random_weights
+        store.write_json(run_dir / "summary.json", summary)
+
+
 def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
              loaded: model_mod.LoadedModel | None, workers=None) -> None:
     spec = plan.spec
@@ -289,27 +436,26 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     compiled = use_compile(spec.runtime.compile, device)
     if compiled:
         model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
-        if spec.reference.prompt is not None:
+        if any(sc.prompt is not None for sc in plan.design.scenes):
             # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
+            prompt = next(sc.prompt for sc in plan.design.scenes if sc.prompt is not None)
             with phases("compile", device):
                 say("torch.compile: the reference generation's graph")
-                loaded.pipe(prompt=spec.reference.prompt, height=plan.height, width=plan.width, num_inference_steps=1,
+                loaded.pipe(prompt=prompt, height=plan.height, width=plan.width, num_inference_steps=1,
                             guidance_scale=spec.reference.guidance_scale, output_type="latent",
                             max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
-    with phases("reference", device):
-        say("reference image" + (f": {spec.reference.steps} steps, guidance {spec.reference.guidance_scale}"
-                                 if spec.reference.prompt else f": {spec.reference.image}"))
-        image = generate_reference(loaded, plan)
-    image.save(run_dir / ".reference.png.tmp", format="PNG")
-    (run_dir / ".reference.png.tmp").replace(run_dir / "reference.png")
+    images = _phase_reference(loaded, plan, run_dir, phases, say, device)
     with phases("encode", device):
-        inputs = prepare_probe_inputs(loaded, plan, image)
+        inputs = prepare_probe_inputs(loaded, plan, images)
     batch_size = plan.batch_size or auto_batch_size(plan, device)
     manifest["batch_size"] = batch_size
     buffer = torch.zeros((batch_size, 1, plan.n_units), dtype=torch.float32, device=device)
 
-    def checkpoint(done: int, rms: np.ndarray) -> None:
-        store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[:done]}, {"passes_done": str(done)})
+    def checkpoint(done_batches: int, rms: np.ndarray) -> None:
+        done = min(done_batches * batch_size, len(plan.passes))
+        store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[: done * len(plan.design.steps)]},
+                            {"passes_done": str(done), "batches_done": str(done_batches),
+                             "batch_size": str(batch_size)})
 
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
                            "attention_backend": spec.runtime.attention_backend,
@@ -332,32 +478,14 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed
     del inputs, buffer
-    with phases("statistics"):
-        d = stats.paired_differences(rms, plan)
-        t = stats.paired_t(d)
-        say(f"sign-flip null ({spec.null.method})")
-        null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
-                                    spec.null.quantile, device)
-        say(f"per-unit inference and the {spec.axis.name} axis null")
-        inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed, device=device)
-    with phases("write"):
-        store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t},
-                            {"passes_done": str(len(plan.passes)), "random_weights": str(plan.arch.random_weights)})
-        res = null.result
-        store.write_tensors(run_dir / "null.safetensors", {"count_hist": res.count_hist, "exceed": res.exceed,
-                                                           "fwer_exceed": res.fwer_exceed, "max_hist": res.max_hist},
-                            {"mode": res.mode, "n_flips": str(res.n_flips)})
-        store.write_tensors(run_dir / "inference.safetensors", inf.arrays(),
-                            {"axis_permutations": str(inf.axis.n_permutations), "axis_exact": str(inf.axis.exact),
-                             "axis_seed": str(inf.axis.seed)})
-        store.write_csv(run_dir / "units.csv", _unit_rows(plan, d, t, inf))
-        summary = report_mod.summarise(plan, d, t, null, inf)
-        summary["random_weights"] = plan.arch.random_weights
-        store.write_json(run_dir / "summary.json", summary)
-    manifest.update(status="complete", finished=store.now(), null={"method": null.method, "exact": null.exact,
-                                                                     "flips": null.result.n_flips})
+    results = _phase_statistics(plan, rms, phases, say, device)
+    _phase_write(plan, rms, results, run_dir, phases)
+    nulls = {r.key: {"method": r.null.method, "exact": r.null.exact, "flips": int(r.null.result.n_flips)}
+             for r in results.contrasts}
+    manifest.update(null=nulls)
     store.write_json(run_dir / "manifest.json", manifest)
     with phases("report"):
         report_mod.write_report(run_dir, workers)
+    manifest.update(status="complete", finished=store.now())
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"report: {run_dir / 'report.md'}")

@@ -15,12 +15,20 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from .design import Design, ProbePass, build_design
 from .model import Architecture
 from .spec import Spec
 
 
 class PlanError(Exception):
-    """The spec cannot be run on this model (e.g. a site pattern matches nothing)."""
+    """The spec cannot be run on this model: ``(dotted path, message)`` per problem, all at once."""
+
+    def __init__(self, problems: "list[tuple[str, str]] | str"):
+        if isinstance(problems, str):
+            path, _, msg = problems.partition(": ")
+            problems = [(path, msg)] if msg and " " not in path else [("", problems)]
+        self.problems = problems
+        super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in problems))
 
 
 @dataclass(frozen=True)
@@ -54,20 +62,14 @@ class Unit:
     subgroup: int  # which group of unit_width channels within the head (or within the MLP hidden)
 
 
-@dataclass(frozen=True)
-class ProbePass:
-    index: int
-    condition: str
-    filler_index: int
-    prompt: str
-
-
 @dataclass
 class Plan:
     """Everything ``exec`` will do, in order, and everything a report needs to label it."""
 
     spec: Spec
     arch: Architecture
+    design: Design
+    unit_width: int  # channels per unit (``capture.unit_width``, "head" resolved to the head width)
     height: int
     width: int
     resolution_note: str
@@ -81,6 +83,8 @@ class Plan:
     reference_evaluations: int
     probe_evaluations_per_pass: int
     flips: dict = field(default_factory=dict)
+    token_counts: dict[str, int] | None = None  # real (unpadded) tokens of each distinct prompt, if known
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_units(self) -> int:
@@ -144,8 +148,12 @@ def _resolution(spec: Spec, arch: Architecture) -> tuple[int, int, str]:
     return h, w, ""
 
 
-def build_plan(spec: Spec, arch: Architecture) -> Plan:
-    """Return the plan of ``spec`` on ``arch``; raise ``PlanError`` when the two do not fit."""
+def build_plan(spec: Spec, arch: Architecture, design: Design | None = None) -> Plan:
+    """Return the plan of ``spec`` on ``arch``; raise ``PlanError`` when the two do not fit.
+
+    ``design`` is ``build_design(spec)`` (made here when not given; it raises ``DesignError``).
+    """
+    design = design or build_design(spec)
     height, width, note = _resolution(spec, arch)
     multiple = arch.vae_scale_factor * 2
     if height % multiple or width % multiple:
@@ -153,7 +161,7 @@ def build_plan(spec: Spec, arch: Architecture) -> Plan:
     n_target = (height // multiple) * (width // multiple)
     n_ref = n_target  # the reference is generated (or resized) at the probe's size
     n_text = spec.model.max_sequence_length
-    g = spec.capture.unit_width
+    g = arch.head_dim if spec.capture.unit_width == "head" else spec.capture.unit_width
     sites: list[Site] = []
     offset = 0
     candidates = _candidate_sites(arch)
@@ -173,58 +181,142 @@ def build_plan(spec: Spec, arch: Architecture) -> Plan:
         sites.append(Site(name, block, stream, kind, w, attn_w, offset, w // g, segment, n_tokens))
         offset += w // g
     units = [u for s in sites for u in _units_of(s, g, arch.head_dim)]
-    passes = []
-    for c in (spec.contrast.a, spec.contrast.b):
-        for i, filler in enumerate(spec.axis.fillers):
-            passes.append(ProbePass(len(passes), c, i, spec.prompt(c, filler)))
     cfg = lambda scale: 2 if scale > 1 else 1  # noqa: E731  (the base model runs real CFG above 1)
     n = len(spec.axis.fillers)
     flips = {"method": spec.null.method, "pairs": n, "exact_flips": 2 ** max(n - 1, 0),
              "random_flips": spec.null.flips}
-    return Plan(spec=spec, arch=arch, height=height, width=width, resolution_note=note, text_tokens=n_text,
-                target_tokens=n_target, reference_tokens=n_ref, sites=sites, units=units, passes=passes,
-                batch_size=None if spec.probe.batch_size == "auto" else spec.probe.batch_size,
-                reference_evaluations=spec.reference.steps * cfg(spec.reference.guidance_scale)
-                if spec.reference.prompt is not None else 0,
+    generated = sum(1 for sc in design.scenes if sc.prompt is not None)
+    plan = Plan(spec=spec, arch=arch, design=design, unit_width=g, height=height, width=width, resolution_note=note,
+                text_tokens=n_text, target_tokens=n_target, reference_tokens=n_ref, sites=sites, units=units,
+                passes=design.passes, batch_size=None if spec.probe.batch_size == "auto" else spec.probe.batch_size,
+                reference_evaluations=generated * spec.reference.steps * cfg(spec.reference.guidance_scale),
                 probe_evaluations_per_pass=spec.probe.steps * cfg(spec.probe.guidance_scale), flips=flips)
+    _check_tokens(plan)
+    return plan
 
 
-def describe(plan: Plan) -> str:
-    """Return the plan as the text ``otherview plan`` prints."""
+def _tokenizer(arch: Architecture):
+    """Return the tokenizer of ``arch``'s model where it can be had without weights or network, else None."""
+    from pathlib import Path
+
+    from . import model as model_mod
+
+    if arch.source.startswith(model_mod.BUILTIN_PREFIX):
+        return model_mod.byte_tokenizer()
+    folder = Path(arch.source).expanduser() / "tokenizer"
+    if folder.is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # a broken tokenizer folder: loading the model will say so
+            return None
+    return None
+
+
+def prompt_token_count(tokenizer, prompt: str) -> int:
+    """Return the tokens ``prompt`` takes once wrapped in the pipeline's chat template, before padding."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    return len(tokenizer(text)["input_ids"])
+
+
+def _check_tokens(plan: Plan) -> None:
+    """Refuse prompts that ``max_sequence_length`` would cut; warn where a contrast's prompts differ in length."""
+    tokenizer = _tokenizer(plan.arch)
+    if tokenizer is None:
+        plan.warnings.append("prompt token counts unknown (no tokenizer without the weights): prompts longer than "
+                             f"{plan.text_tokens} tokens would be cut")
+        return
+    counts = {p: prompt_token_count(tokenizer, p) for p in plan.prompts}
+    plan.token_counts = counts
+    long = [(p, n) for p, n in counts.items() if n > plan.text_tokens]
+    if long:
+        raise PlanError([("model.max_sequence_length", f"the prompt \"{p}\" takes {n} tokens (chat template "
+                          f"included), more than max_sequence_length {plan.text_tokens}: it would be cut; shorten it "
+                          "or raise model.max_sequence_length") for p, n in long])
+    design = plan.design
+    for c in design.contrasts:
+        used = [design.conditions[k] for k, w in enumerate(c.weights) if w != 0]
+        differ = 0
+        for i in range(len(design.items)):
+            for w in range(design.n_wordings):
+                lengths = {counts[design.spec.prompt(cond, design.items[i], w)] for cond in used}
+                differ += len(lengths) > 1
+        if differ:
+            plan.warnings.append(f"contrast {c.name}: its prompts differ in token length for {differ} of "
+                                 f"{len(design.items) * design.n_wordings} item-wordings, so padding starts at "
+                                 "different positions (pad tokens take part in joint attention)")
+
+
+def describe_design(plan: Plan) -> list[str]:
+    """Return the lines that say what the design runs: conditions, factors, contrasts, tests."""
+    s, d = plan.spec, plan.design
+    c, n, sc, se, w = d.shape
+    lines = [f"conditions: {c} ({', '.join(d.conditions)}), {w} wording(s) each; items: {n} {s.axis.name}",
+             f"replication: {sc} scene(s) ({', '.join(x.name for x in d.scenes)}), {se} probe seed(s) "
+             f"({', '.join(map(str, d.seeds))}), {w} wording(s); each item's contrast value averages them",
+             f"probe passes: {len(plan.passes)} = {c} conditions x {n} items x {sc} scenes x {se} seeds x {w} wordings"
+             f" (each pass runs once, whichever contrasts use it)"]
+    for con in d.contrasts:
+        extra = f" (specificity difference of {con.derived_from[0]} and {con.derived_from[1]})" if con.derived_from else ""
+        lines.append(f"contrast {con.name}: d = {con.label}{extra}")
+    for t in d.specificity:
+        lines.append(f"specificity {t.name}: units where {t.effect} AND {t.difference} pass family-wise correction "
+                     "with the same sign (minimum-statistic conjunction)")
+    steps = ("the mean over steps" if d.steps == [None] else f"each of the {len(d.steps)} steps apart")
+    lines.append(f"analyses: {len(d.analyses)} ({len(d.contrasts)} contrasts x {steps})")
+    return lines
+
+
+def describe(plan: Plan, prompts: bool = False) -> str:
+    """Return the plan as the text ``otherview plan`` prints (``prompts``: every rendered prompt too)."""
     s, a = plan.spec, plan.arch
     lines = [f"experiment {s.experiment.name}: model {a.source}" + (" (RANDOM WEIGHTS)" if a.random_weights else ""),
              f"resolution {plan.height}x{plan.width}" + (f"  [{plan.resolution_note}]" if plan.resolution_note else "")]
-    if s.reference.prompt is not None:
-        lines.append(f"reference image: generate, {s.reference.steps} steps, guidance {s.reference.guidance_scale}, "
-                     f"seed {s.reference.seed}: {plan.reference_evaluations} transformer evaluations at "
-                     f"{plan.text_tokens} text + {plan.target_tokens} image tokens")
-    else:
-        lines.append(f"reference image: file {s.reference.image}")
+    for scene in plan.design.scenes:
+        if scene.prompt is not None:
+            lines.append(f"reference {scene.name}: generate, {s.reference.steps} steps, guidance "
+                         f"{s.reference.guidance_scale}, seed {scene.seed}: {plan.reference_evaluations // max(1, sum(x.prompt is not None for x in plan.design.scenes))} "
+                         f"transformer evaluations at {plan.text_tokens} text + {plan.target_tokens} image tokens")
+        else:
+            lines.append(f"reference {scene.name}: file {scene.image}")
+    lines += describe_design(plan)
     per = plan.text_tokens + plan.target_tokens + plan.reference_tokens
     batch = plan.batch_size if plan.batch_size is not None else "auto (sized to device memory)"
-    lines += [f"probe passes: {len(plan.passes)} ({len(s.axis.fillers)} {s.axis.name} x 2 conditions "
-              f"'{s.contrast.a}' - '{s.contrast.b}'), {s.probe.steps} step(s), guidance {s.probe.guidance_scale}, "
-              f"{plan.probe_evaluations_per_pass} evaluation(s) each, batch {batch}",
+    sigma = "sigma = 1 (pure noise: only the reference tokens carry the scene)" if s.probe.steps == 1 else \
+        f"sigmas from 1 down to {1 / s.probe.steps:.3g}"
+    lines += [f"probe: {s.probe.steps} step(s), {sigma}, guidance {s.probe.guidance_scale}, "
+              f"{plan.probe_evaluations_per_pass} evaluation(s) per pass, batch {batch}",
               f"distinct prompts encoded once each: {len(plan.prompts)}",
               f"tokens per probe pass: {per} ({plan.text_tokens} text + {plan.target_tokens} target + "
               f"{plan.reference_tokens} reference); counted: {s.capture.tokens}",
-              f"capture sites: {len(plan.sites)}, unit width {s.capture.unit_width} channels, units: {plan.n_units}"]
+              f"capture sites: {len(plan.sites)}, unit width {plan.unit_width} channels"
+              + (" (head width)" if s.capture.unit_width == "head" else "") + f", units: {plan.n_units}"]
     for stream in ("double", "single"):
         sites = [x for x in plan.sites if x.stream == stream]
         if not sites:
             continue
         attn = sum(1 for u in plan.units if u.stream == stream and u.kind == "attention")
         mlp = sum(1 for u in plan.units if u.stream == stream and u.kind == "mlp")
-        lines.append(f"  {stream}-stream: {len(sites)} sites x {sites[0].n_units} units = "
-                     f"{sum(x.n_units for x in sites)} ({attn} attention, {mlp} MLP)")
+        lines.append(f"  {stream}-stream: {len(sites)} sites, {sum(x.n_units for x in sites)} units "
+                     f"({attn} attention, {mlp} MLP)")
     for site in plan.sites:
         lines.append(f"    {site.name}: width {site.width}, units {site.unit_offset}..{site.unit_offset + site.n_units - 1}, "
                      f"tokens {site.segment[0]}..{site.segment[1]} of {site.tokens}")
     f = plan.flips
-    lines.append(f"null: sign-flip, method {f['method']}: exact = 2^{max(f['pairs'] - 1, 0)} = {f['exact_flips']:,} flips, "
-                 f"random = {f['random_flips']:,} flips (seed {s.null.seed}); thresholds |t| > "
-                 f"{', '.join(f'{c:g}' for c in s.null.thresholds)}; quantile {s.null.quantile:g}")
-    lines.append(f"unit-flips (exact): {f['exact_flips'] * plan.n_units:.3g}")
+    lines.append(f"null: sign-flip over items, method {f['method']}: exact = 2^{max(f['pairs'] - 1, 0)} = "
+                 f"{f['exact_flips']:,} flips, random = {f['random_flips']:,} flips (seed {s.null.seed}); thresholds "
+                 f"|t| > {', '.join(f'{c:g}' for c in s.null.thresholds)}; quantile {s.null.quantile:g}; alpha "
+                 f"{s.null.alpha:g}")
+    lines.append(f"unit-flips (exact, per analysis): {f['exact_flips'] * plan.n_units:.3g}")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    if prompts:
+        lines.append("prompts (pass: condition, item, scene, seed, wording, tokens: prompt):")
+        for p in plan.passes:
+            n = plan.token_counts.get(p.prompt) if plan.token_counts else None
+            lines.append(f"  {p.index}: {p.condition}, {plan.design.items[p.item].value}, "
+                         f"{plan.design.scenes[p.scene].name}, seed {p.seed}, wording {p.wording}, "
+                         f"{n if n is not None else '?'} tokens: {p.prompt}")
     return "\n".join(lines)
-
-

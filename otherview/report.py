@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 
 from . import figures as figures_mod
-from . import inference, stats, store
-from .plan import Plan
+from . import store
+from .summary import summarise  # noqa: F401  (the report's data; kept importable from here)
 
-TOP_UNITS = 20
-TOP_AXIS = 10
 REFERENCES = [
     "Benjamini, Y. & Hochberg, Y. (1995). Controlling the false discovery rate. J. R. Stat. Soc. B 57, 289-300.",
     "Hedges, L. V. & Olkin, I. (1985). Statistical Methods for Meta-Analysis, ch. 5. Academic Press.",
@@ -29,58 +27,12 @@ REFERENCES = [
     "Nichols, T. E. & Holmes, A. P. (2002). Nonparametric permutation tests for functional neuroimaging. "
     "Hum. Brain Mapp. 15, 1-25.",
     "Westfall, P. H. & Young, S. S. (1993). Resampling-Based Multiple Testing. Wiley.",
+    "Nichols, T., Brett, M., Andersson, J., Wager, T. & Poline, J.-B. (2005). Valid conjunction inference with "
+    "the minimum statistic. NeuroImage 25, 653-660.",
+    "Clark, H. H. (1973). The language-as-fixed-effect fallacy. J. Verbal Learn. Verbal Behav. 12, 335-359.",
     "Pitman, E. J. G. (1937). Significance tests which may be applied to samples from any populations. II. "
     "The correlation coefficient test. J. R. Stat. Soc. Suppl. 4, 225-232.",
 ]
-
-
-def _unit_record(plan: Plan, i: int, d: np.ndarray, t: np.ndarray, inf: inference.UnitInference) -> dict:
-    u = plan.units[i]
-    site = next(s for s in plan.sites if s.name == u.site)
-    return {"unit": u.index, "site": u.site, "label": inference.site_label(site.stream, site.block, site.kind),
-            "kind": u.kind, "head": u.head, "subgroup": u.subgroup, "channels": f"{u.channel_start}-{u.channel_end - 1}",
-            "t": float(t[i]), "mean_d": float(d[:, i].mean()), "d_z": float(inf.d_z[i]),
-            "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
-            "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]), "q": float(inf.q[i]),
-            "axis_rho": float(inf.axis.rho[i]), "axis_p": float(inf.axis.p_uncorrected[i]),
-            "axis_p_fwer": float(inf.axis.p_fwer[i]), "axis_q": float(inf.axis_q[i])}
-
-
-def _layout(plan: Plan) -> dict[str, Any]:
-    g = plan.spec.capture.unit_width
-    return {"unit_width": g, "tokens": plan.spec.capture.tokens, "text_tokens": plan.text_tokens,
-            "target_tokens": plan.target_tokens, "reference_tokens": plan.reference_tokens,
-            "sites": [{"name": s.name, "label": inference.site_label(s.stream, s.block, s.kind), "stream": s.stream,
-                       "block": s.block, "kind": s.kind, "unit_offset": s.unit_offset, "n_units": s.n_units,
-                       "attention_units": s.attention_width // g, "counted_tokens": s.segment[1] - s.segment[0],
-                       "tokens": s.tokens} for s in plan.sites]}
-
-
-def summarise(plan: Plan, d: np.ndarray, t: np.ndarray, null: stats.NullSummary,
-              inf: inference.UnitInference) -> dict[str, Any]:
-    """Return the run's summary: the card's table, the layout, group counts, top units, the axis and the nulls."""
-    spec = plan.spec
-    groups = inference.group_summaries(plan, t, inf)
-    strongest = inference.strongest_site(groups["sites"], spec.null.thresholds)
-    by_t = np.argsort(-np.abs(t), kind="stable")[:TOP_UNITS]
-    by_axis = np.lexsort((-np.abs(inf.axis.rho), inf.axis.p_uncorrected, inf.axis.p_fwer))[:TOP_AXIS]
-    top = [_unit_record(plan, int(i), d, t, inf) for i in by_t]
-    labels = [r["label"] for r in top]
-    cluster = max(dict.fromkeys(labels), key=labels.count) if labels else None
-    share = {r["label"]: r["units"] / max(d.shape[1], 1) for r in groups["sites"]}
-    axis = inf.axis
-    return {"experiment": spec.experiment.name, "n_pairs": int(d.shape[0]), "n_units": int(d.shape[1]),
-            "alpha": inference.ALPHA, "ci_level": inference.CI_LEVEL, "card_table": stats.card_table(t, null),
-            "layout": _layout(plan), "groups": groups, "strongest_block": strongest,
-            "top_cluster": {"label": cluster, "count": labels.count(cluster) if cluster else 0, "of": len(top),
-                            "expected": len(top) * share.get(cluster, 0.0)},
-            "top_units": top,
-            "axis": {"name": spec.axis.name, "fillers": [f.value for f in spec.axis.fillers], "ranks": spec.ranks(),
-                     "n_permutations": axis.n_permutations, "exact": axis.exact, "seed": axis.seed,
-                     "max_null_q": float(np.quantile(axis.max_null, 1 - inference.ALPHA)),
-                     "top_units": [_unit_record(plan, int(i), d, t, inf) for i in by_axis]},
-            "null": {"method": null.method, "exact": null.exact, "flips": int(null.result.n_flips),
-                     "seed": spec.null.seed, "quantile": null.quantile, "thresholds": null.thresholds}}
 
 
 def _fmt_count(x: float) -> str:
@@ -115,39 +67,40 @@ def _block_name(row: dict) -> str:
     return f"double-stream (joint MMDiT) block {row['block']}" + (" text stream" if row["kind"] == "text" else "")
 
 
-def _card(manifest: dict, summary: dict) -> list[str]:
-    spec, null = manifest["spec"], summary["null"]
+def _card(summary: dict, a: dict, heading: str) -> list[str]:
+    """Return one analysis's card table and the sentence it draws."""
+    null = a["null"]
     qname = f"p{null['quantile'] * 100:g}"
     kind = (f"exact: all {null['flips']:,} sign flips" if null["exact"]
             else f"{null['flips']:,} seeded random sign flips (seed {null['seed']})")
-    lines = ["## Results", "", f"| metric | observed | null mean | null {qname} | observed / null {qname} |",
+    lines = [heading, "", f"| metric | observed | null mean | null {qname} | observed / null {qname} |",
              "|---|---|---|---|---|"]
-    for row in summary["card_table"]:
+    for row in a["card_table"]:
         if row["threshold"] is None:
             lines.append(f"| max \\|t\\| | {row['observed']:.2f} | {row['null_mean']:.2f} | {row['null_q']:.2f} | — |")
         else:
             lines.append(f"| {row['metric'].replace('|', chr(92) + '|')} | {row['observed']:,} ({row['fraction']:.0%}) | "
                          f"{_fmt_count(row['null_mean'])} | {_fmt_count(row['null_q'])} | {_ratio(row)} |")
     n, alpha = summary["n_units"], summary["alpha"]
-    lines += ["", f"Null: {kind}, {summary['n_pairs']} pairs, {n:,} units.", ""]
-    rows = [r for r in summary["card_table"] if r["threshold"] is not None]
+    lines += ["", f"Null: {kind}, {summary['n_items']} items, {n:,} units.", ""]
+    rows = [r for r in a["card_table"] if r["threshold"] is not None]
     first = rows[0]
-    text = (f"{first['fraction']:.0%} of all {n:,} units have |t| > {first['threshold']:g} for "
-            f"'{spec['contrast']['a']}' vs '{spec['contrast']['b']}', against a null {qname} of "
-            f"{_fmt_count(first['null_q'])} units ({_ratio(first)}).")
+    text = (f"{first['fraction']:.0%} of all {n:,} units have |t| > {first['threshold']:g} for {a['label']}, "
+            f"against a null {qname} of {_fmt_count(first['null_q'])} units ({_ratio(first)}).")
     for row in rows[1:]:
         text += (f" {row['observed']:,} units have |t| > {row['threshold']:g} against a null {qname} of "
                  f"{_fmt_count(row['null_q'])} ({_ratio(row)}).")
-    total = summary["groups"]["all"][0]
+    total = a["groups"]["all"][0]
     text += (f" After correction, {_pct(total['fwer'], n)} units differ at family-wise p ≤ {alpha:g} (max-|t| "
              f"sign-flip null) and {_pct(total['fdr'], n)} at Benjamini-Hochberg q ≤ {alpha:g}.")
     lines.append(text)
-    best, cluster = summary["strongest_block"], summary["top_cluster"]
+    best, cluster = a["strongest_block"], a["top_cluster"]
     if best:
-        sentence = (f"The strongest block is {_block_name(best)} (`{best['site']}`): "
-                    f"{_pct(best['fwer'], best['units'])} of its {best['units']:,} units pass the family-wise "
-                    f"correction, max |t| {best['max_abs_t']:.2f}.")
-        if cluster["label"] and summary["n_units"] > cluster["of"]:
+        sentence = (f"The strongest block (largest share of units passing the family-wise correction, then the "
+                    f"larger share over the top threshold, then max |t|) is {_block_name(best)} (`{best['site']}`): "
+                    f"{_pct(best['fwer'], best['units'])} of its {best['units']:,} units pass, max |t| "
+                    f"{best['max_abs_t']:.2f}.")
+        if cluster["label"] and n > cluster["of"]:
             where = "It holds" if cluster["label"] == best["label"] else f"Block {cluster['label']} holds"
             sentence += (f" {where} {cluster['count']} of the {cluster['of']} units with the largest |t| "
                          f"({cluster['expected']:.1f} expected from its share of units).")
@@ -155,9 +108,35 @@ def _card(manifest: dict, summary: dict) -> list[str]:
     return lines
 
 
+def _design_methods(spec: dict, summary: dict) -> list[str]:
+    design, axis = summary["design"], summary["analyses"][0]["axis"]
+    probe = spec["probe"]
+    conds = "; ".join(f"**{k}**: " + " / ".join(f"\"{t}\"" for t in v) for k, v in design["templates"].items())
+    contrasts = "; ".join(f"**{c['name']}**: d = {c['label']}" + (" (the specificity difference)" if c["derived_from"]
+                                                                    else "") for c in design["contrasts"])
+    n_passes = design["passes"]
+    w, sc, se = design["wordings"], len(design["scenes"]), len(design["seeds"])
+    fillers = "; ".join(f"{r:g} {v}" for r, v in zip(axis["ranks"], axis["fillers"]))
+    steps = ("each unit's value is the mean over the steps" if design["steps"] == [None]
+             else "every step is captured and analysed apart")
+    sigma = ("a one-step probe starts from pure noise (sigma = 1): only the reference tokens carry the scene"
+             if probe["steps"] == 1 else f"sigmas from 1 down to {1 / probe['steps']:.3g}")
+    return [f"**Probe passes.** {n_passes:,} passes: {len(design['conditions'])} conditions x {summary['n_items']} "
+            f"{axis['name']} x {sc} scene(s) x {se} seed(s) ({', '.join(map(str, design['seeds']))}) x {w} wording(s), "
+            f"each pass run once whichever contrasts use it. Conditions ({conds}). Each pass is conditioned on its "
+            f"scene's reference image, {_n(probe['steps'], 'step')} at guidance scale {probe['guidance_scale']:g} "
+            f"({sigma}); {steps}; every pass of a seed starts from the same noise.", "",
+            f"**Contrasts.** {contrasts}. Per {axis['name']} (the unit of inference, N = {summary['n_items']}), d is the "
+            "weighted sum of its condition values, averaged over scenes, seeds and wordings; sign flips act on "
+            f"{axis['name']}s. This supports claims about new {axis['name']}s for these scenes, seeds and wordings, "
+            "not about new scenes or wordings (Clark 1973): the replication section shows each level apart.", "",
+            f"**Axis.** {summary['n_items']} {axis['name']} fillers with their ranks: {fillers}.", ""]
+
+
 def _methods(manifest: dict, summary: dict) -> list[str]:
-    spec, lay, null, axis = manifest["spec"], summary["layout"], summary["null"], summary["axis"]
-    ref, probe, model = spec["reference"], spec["probe"], manifest["model"]
+    spec, lay, axis = manifest["spec"], summary["layout"], summary["analyses"][0]["axis"]
+    nulls = {(a["null"]["method"], a["null"]["flips"]) for a in summary["analyses"]}
+    ref, model = spec["reference"], manifest["model"]
     h, w = manifest["resolution"]
     weights = ("**random weights** (a built-in stand-in: the numbers test the tool, not the model)"
                if manifest.get("random_weights") else "trained weights")
@@ -165,68 +144,76 @@ def _methods(manifest: dict, summary: dict) -> list[str]:
              f"**Model.** `{model['source']}`, {weights}; dtype {model.get('dtype', spec['model']['dtype'])}, "
              f"device {manifest['device'].get('gpu', manifest['device']['device'])}, text sequence "
              f"{lay['text_tokens']} tokens.", ""]
-    if ref.get("prompt") is not None:
-        lines.append(f"**Reference image.** Generated once from the prompt \"{ref['prompt']}\" with {ref['steps']} "
-                     f"steps, guidance scale {ref['guidance_scale']:g}, seed {ref['seed']}, at {h}x{w}"
-                     + (f" ({manifest['resolution_note']})" if manifest.get("resolution_note") else "") + ".")
-    else:
-        lines.append(f"**Reference image.** The file `{ref['image']}`, at {h}x{w}.")
-    conds = "; ".join(f"**{k}**: \"{v}\"" for k, v in spec["conditions"].items())
-    a, b = spec["contrast"]["a"], spec["contrast"]["b"]
-    fillers = "; ".join(f"{r:g} {v}" for r, v in zip(axis["ranks"], axis["fillers"]))
-    lines += ["", f"**Probe passes.** {2 * summary['n_pairs']} passes, one per condition and {axis['name']} "
-              f"({conds}), each conditioned on the reference image, {_n(probe['steps'], 'step')} at guidance scale "
-              f"{probe['guidance_scale']:g}, every pass starting from the same noise (seed {probe['seed']}). "
-              f"Contrast: d = {a} − {b} per {axis['name']} (N = {summary['n_pairs']} pairs).", "",
-              f"**Axis.** {summary['n_pairs']} {axis['name']} fillers with their ranks: {fillers}.", ""]
-    sites = lay["sites"]
+    scenes = summary["design"]["scenes"]
     parts = []
+    for sc in scenes:
+        if sc["prompt"] is not None:
+            parts.append(f"{sc['name']}: generated once from the prompt \"{sc['prompt']}\" with {ref['steps']} steps, "
+                         f"guidance scale {ref['guidance_scale']:g}, seed {sc['seed']}")
+        else:
+            parts.append(f"{sc['name']}: the file `{sc['image']}`")
+    note = f" ({manifest['resolution_note']})" if manifest.get("resolution_note") else ""
+    lines += [f"**Reference image{'s' if len(scenes) > 1 else ''}** (at {h}x{w}{note}). " + "; ".join(parts) + ".", ""]
+    lines += _design_methods(spec, summary)
+    sites = lay["sites"]
+    groups = []
     for stream, name in (("double", "double-stream"), ("single", "single-stream")):
-        group = [s for s in sites if s["stream"] == stream]
-        if group:
-            attn = sum(s["attention_units"] for s in group)
-            total = sum(s["n_units"] for s in group)
-            parts.append(f"{_n(len(group), name + ' site')} x {group[0]['n_units']} units ({attn:,} attention, "
-                         f"{total - attn:,} MLP), {group[0]['counted_tokens']:,} counted tokens per pass")
+        for kind in ("image", "text", "joint"):
+            group = [s for s in sites if s["stream"] == stream and s["kind"] == kind]
+            if group:
+                attn = sum(s["attention_units"] for s in group)
+                total = sum(s["n_units"] for s in group)
+                groups.append(f"{_n(len(group), name + ' ' + kind + '-stream site')} x {group[0]['n_units']} units "
+                              f"({attn:,} attention, {total - attn:,} MLP), {group[0]['counted_tokens']:,} counted "
+                              "tokens per pass")
     patterns = ", ".join(f"`{p}`" for p in spec["capture"]["sites"])
-    lines += [f"**Capture.** A forward pre-hook on every projection matching {patterns}: "
-              + "; ".join(parts) + f"; {summary['n_units']:,} units of {lay['unit_width']} input channels. Each unit's "
-              f"value per pass is the RMS of its channels over the counted tokens ('{lay['tokens']}'; the probe holds "
+    lines += [f"**Capture.** A forward pre-hook on every projection matching {patterns}: " + "; ".join(groups)
+              + f"; {summary['n_units']:,} units of {lay['unit_width']} input channels. Each unit's value per pass is "
+              f"the RMS of its channels over the counted tokens ('{lay['tokens']}'; the probe holds "
               f"{lay['text_tokens']:,} text, {lay['target_tokens']:,} target and {lay['reference_tokens']:,} reference "
-              "tokens) and steps. Double-stream `to_out.0` sees the image stream only; single-stream `to_out` sees "
-              "all tokens and its input is [attention heads | MLP hidden].", ""]
-    flips = (f"exact (all {null['flips']:,} sign flips of the {summary['n_pairs']} pairs, 2^(N-1) up to the sign "
-             "of t)" if null["exact"] else f"random ({null['flips']:,} seeded sign flips, seed {null['seed']}, "
-             "the observed labelling included)")
+              "tokens). Double-stream `to_out.0` sees the image stream only and `to_add_out` the text stream; "
+              "single-stream `to_out` sees all tokens and its input is [attention heads | MLP hidden].", ""]
+    null_text = "; ".join((f"exact (all {f:,} sign flips of the {summary['n_items']} items, 2^(N-1) up to the sign of t)"
+                           if m == "exact" else f"random ({f:,} seeded sign flips, seed {spec['null']['seed']}, the "
+                           "observed labelling included)") for m, f in sorted(nulls))
     perms = (f"exact (all {axis['n_permutations']:,} permutations)" if axis["exact"] else
              f"{axis['n_permutations']:,} permutations (the identity and {axis['n_permutations'] - 1:,} random, "
              f"numpy seed {axis['seed']})")
     alpha = summary["alpha"]
-    floor_t = _bh_floor(summary["n_units"], null["flips"], alpha)
+    min_flips = min(f for _, f in nulls)
+    floor_t = _bh_floor(summary["n_units"], min_flips, alpha)
     floor_axis = _bh_floor(summary["n_units"], axis["n_permutations"], alpha)
-    lines += [f"**Statistics.** Per unit, the paired t = mean(d) / (sd(d)/√N) and Cohen's d_z = mean(d)/sd(d) with a "
-              f"{summary['ci_level']:.0%} interval from the normal approximation SE = √(1/N + d_z²/(2N)) (Hedges & "
-              "Olkin 1985; Goulet-Pelletier & Cousineau 2018), which is narrower than the exact noncentral-t "
-              f"interval for small N or large d_z. Null: sign flips of the pairs' differences, {flips}. p "
-              "(uncorrected) is the share of flips with |t| at least the observed; p (FWER) the share whose "
-              "maximum |t| over all units reaches it (Westfall & Young 1993; Nichols & Holmes 2002); q is the "
-              f"Benjamini-Hochberg (1995) step-up adjustment of the uncorrected p. Significant: p ≤ {alpha:g}. "
-              "Threshold counts |t| > " + ", ".join(f"{c:g}" for c in null["thresholds"]) +
-              f", compared with the null's mean and {null['quantile']:g} quantile.", "",
-              f"**Axis.** Per unit, Spearman's ρ between d and the {axis['name']}'s rank (ties averaged), tested by "
-              f"permuting the ranks across pairs (Pitman 1937), {perms}; two-sided p, max-|ρ| family-wise p "
+    lines += [f"**Statistics.** Per unit and contrast, the paired t = mean(d) / (sd(d)/√N) and Cohen's d_z = "
+              f"mean(d)/sd(d) with a {summary['ci_level']:.0%} interval from the normal approximation SE = "
+              "√(1/N + d_z²/(2N)) (Hedges & Olkin 1985; Goulet-Pelletier & Cousineau 2018), which is narrower than "
+              f"the exact noncentral-t interval for small N or large d_z. Null: sign flips of the items' contrast "
+              f"values, {null_text}. p (uncorrected) is the share of flips with |t| at least the observed; p (FWER) "
+              "the share whose maximum |t| over all units reaches it (Westfall & Young 1993; Nichols & Holmes 2002); "
+              f"q is the Benjamini-Hochberg (1995) step-up adjustment of the uncorrected p; each contrast is "
+              f"corrected over units, not across contrasts. Significant: p ≤ {alpha:g}. Threshold counts |t| > "
+              + ", ".join(f"{c:g}" for c in spec["null"]["thresholds"]) +
+              f", compared with the null's mean and {spec['null']['quantile']:g} quantile.", ""]
+    if summary["specificity"]:
+        lines += ["**Specificity.** A unit responds to the effect beyond the control when the effect contrast AND "
+                  "the effect minus the control both pass the family-wise correction, with the same sign: the "
+                  "minimum-statistic conjunction (Nichols et al. 2005), valid without assuming the two tests "
+                  "independent. It claims the unit's response to the effect exceeds its response to the control; "
+                  "it does not claim the unit is silent to the control.", ""]
+    lines += [f"**Axis.** Per unit, Spearman's ρ between d and the {axis['name']}'s rank (ties averaged), tested by "
+              f"permuting the ranks across items (Pitman 1937), {perms}; two-sided p, max-|ρ| family-wise p "
               "and BH q, as above. ρ > 0: the difference grows towards the end of the axis "
               f"({axis['fillers'][-1]}).", "",
-              f"**Resolution.** No p is below 1/{null['flips']:,} (flips) or 1/{axis['n_permutations']:,} "
+              f"**Resolution.** No p is below 1/{min_flips:,} (flips) or 1/{axis['n_permutations']:,} "
               f"(permutations), so BH q ≤ {alpha:g} needs at least {floor_t:,} units at the smallest p for the "
               f"pair test and {floor_axis:,} for the axis; the max-statistic FWER has no such floor.", ""]
     return lines
 
 
-def _group_table(rows: list[dict], summary: dict, first: str, name) -> list[str]:
-    th = summary["null"]["thresholds"]
+def _group_table(rows: list[dict], summary: dict, a: dict, first: str, name) -> list[str]:
+    th = a["null"]["thresholds"]
+    al = f"{summary['alpha']:g}"
     head = (f"| {first} | units | " + " | ".join(f"\\|t\\|>{c:g}" for c in th)
-            + " | FWER ≤ .05 | q ≤ .05 | axis FWER ≤ .05 | max \\|t\\| |")
+            + f" | FWER ≤ {al} | q ≤ {al} | axis FWER ≤ {al} | max \\|t\\| |")
     lines = [head, "|---|---|" + "---|" * len(th) + "---|---|---|---|"]
     for r in rows:
         n = r["units"]
@@ -236,8 +223,9 @@ def _group_table(rows: list[dict], summary: dict, first: str, name) -> list[str]
     return lines
 
 
-def _unit_table(units: list[dict], axis_first: bool = False) -> list[str]:
-    cols = ("| unit | block | kind | head | channels | t | d_z [95% CI] | p | p (FWER) | q | ρ axis | p axis (FWER) |")
+def _unit_table(units: list[dict], level: float) -> list[str]:
+    cols = (f"| unit | block | kind | head | channels | t | d_z [{level:.0%} CI] | p | p (FWER) | q | ρ axis | "
+            "p axis (FWER) |")
     lines = [cols, "|---" * 12 + "|"]
     for u in units:
         head = "—" if u["head"] < 0 else str(u["head"])
@@ -247,25 +235,80 @@ def _unit_table(units: list[dict], axis_first: bool = False) -> list[str]:
     return lines
 
 
-def _results(summary: dict) -> list[str]:
-    g, axis, n, alpha = summary["groups"], summary["axis"], summary["n_units"], summary["alpha"]
+def _results(summary: dict, a: dict, level: int) -> list[str]:
+    g, axis, n, alpha = a["groups"], a["axis"], summary["n_units"], summary["alpha"]
+    h = "#" * level
     total = g["all"][0]
-    lines = ["## Per block", ""] + _group_table(g["sites"], summary, "block", lambda r: f"{r['label']} `{r['site']}`")
-    lines += ["", "Blocks: D = double-stream (joint MMDiT), S = single-stream. Counts are units (share of the block).",
-              "", "## Per stream and kind", "",
+    lines = [f"{h} Per block", ""] + _group_table(g["sites"], summary, a, "block",
+                                                  lambda r: f"{r['label']} `{r['site']}`")
+    lines += ["", "Blocks: D = double-stream (joint MMDiT; Dn t = its text stream), S = single-stream. Counts are "
+              "units (share of the block).", "", f"{h} Per stream and kind", "",
               "A single-stream projection's input holds attention-head channels and MLP channels; they are "
               "counted apart.", ""]
     rows = g["streams"] + g["kinds"] + g["stream_kinds"] + g["all"]
-    lines += _group_table(rows, summary, "group", lambda r: r["group"])
-    both = total["axis_fwer"]
-    lines += ["", f"## Along the axis ({axis['name']})", "",
-              f"{_pct(both, n)} units follow the {axis['name']} axis at family-wise p ≤ {alpha:g} (max-|ρ| "
+    lines += _group_table(rows, summary, a, "group", lambda r: r["group"])
+    lines += ["", f"{h} Along the axis ({axis['name']})", "",
+              f"{_pct(total['axis_fwer'], n)} units follow the {axis['name']} axis at family-wise p ≤ {alpha:g} (max-|ρ| "
               f"permutation null; its {1 - alpha:.0%} quantile of max |ρ| is {axis['max_null_q']:.2f}), and "
               f"{_pct(total['axis_fdr'], n)} at BH q ≤ {alpha:g}. The {len(axis['top_units'])} units with the "
               "strongest axis response:", ""]
-    lines += _unit_table(axis["top_units"])
-    lines += ["", f"## Top {len(summary['top_units'])} units by |t|", ""] + _unit_table(summary["top_units"])
+    lines += _unit_table(axis["top_units"], summary["ci_level"])
+    lines += ["", f"{h} Top {len(a['top_units'])} units by |t|", ""] + _unit_table(a["top_units"], summary["ci_level"])
     return lines
+
+
+def _specificity(summary: dict, s: dict) -> list[str]:
+    n, alpha = summary["n_units"], summary["alpha"]
+    lines = [f"## Specificity: {s['name']}", "",
+             f"**{_pct(s['passed'], n)} units respond to {s['effect_label']} beyond what {s['control_label']} "
+             f"produces**: each passes the family-wise correction (p ≤ {alpha:g}) for the effect `{s['effect']}` and "
+             f"for the difference `{s['difference']}` = {s['difference_label']}, with the same sign "
+             f"({s['positive']:,} positive, {s['negative']:,} negative). For comparison, {s['effect_significant']:,} "
+             f"units pass for the effect alone and {s['control_significant']:,} for the control alone; "
+             f"{s['effect_not_specific']:,} units respond to the effect but not beyond the control.", "",
+             "This claims these units respond more to the effect than to the control; it does not claim they are "
+             "silent to the control, and on random weights any such count is what the tool produces without "
+             "training.", "", "| block | units | pass the conjunction | of them attention | effect FWER |",
+             "|---|---|---|---|---|"]
+    for r in s["sites"]:
+        lines.append(f"| {r['label']} `{r['site']}` | {r['units']:,} | {_pct(r['passed'], r['units'])} | "
+                     f"{r['passed_attention']:,} | {_pct(r['effect_fwer'], r['units'])} |")
+    if s["top_units"]:
+        lines += ["", f"Strongest units (by the smaller of |t| effect and |t| difference), up to {len(s['top_units'])}:",
+                  "", "| unit | block | kind | head | t effect | t control | t difference | p (FWER) difference |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for u in s["top_units"]:
+            head = "—" if u["head"] < 0 else str(u["head"])
+            lines.append(f"| {u['unit']} | {u['label']} | {u['kind']} | {head} | {u['t']:.2f} | {u['t_control']:.2f} | "
+                         f"{u['t_difference']:.2f} | {u['p_fwer_difference']:.3g} |")
+    return lines
+
+
+def _replication(summary: dict) -> list[str]:
+    if not summary["replication"]:
+        return []
+    alpha = summary["alpha"]
+    lines = ["## Replication across scenes, seeds and wordings", "",
+             "Each level analysed alone (its items' contrast values at that level only), with its own sign-flip "
+             "null. Sign agreement: among units significant overall, the share whose t has the same sign in every "
+             f"level. Significant in every level: family-wise p ≤ {alpha:g} within each level, same sign as "
+             "overall. These are descriptive: scenes and wordings are few, so they are not random factors of the "
+             "test.", "", "| contrast | factor | level | significant (FWER) | max \\|t\\| | null |", "|---|---|---|---|---|---|"]
+    for rep in summary["replication"]:
+        for f in rep["factors"]:
+            for k, label in enumerate(f["levels"]):
+                null = (f"exact {f['per_level_flips'][k]:,}" if f["per_level_method"][k] == "exact"
+                        else f"{f['per_level_flips'][k]:,} random flips")
+                lines.append(f"| {rep['analysis']} | {f['factor']} | {label} | {f['per_level_significant'][k]:,} | "
+                             f"{f['per_level_max_abs_t'][k]:.2f} | {null} |")
+    lines += ["", "| contrast | factor | significant overall | sign agreement | significant in every level |",
+              "|---|---|---|---|---|"]
+    for rep in summary["replication"]:
+        for f in rep["factors"]:
+            agree = "—" if f["sign_agreement"] is None else f"{f['sign_agreement']:.0%}"
+            lines.append(f"| {rep['analysis']} | {f['factor']} | {f['significant_overall']:,} | {agree} | "
+                         f"{f['significant_in_every_level']:,} |")
+    return lines + [""]
 
 
 def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figures_mod.Figure]) -> str:
@@ -278,7 +321,22 @@ def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figu
                   "not the model, and mean nothing about FLUX.2.", ""]
     if spec["experiment"].get("description"):
         lines += [spec["experiment"]["description"], ""]
-    lines += _card(manifest, summary) + [""] + _methods(manifest, summary) + _results(summary)
+    for w in summary.get("warnings", []):
+        lines += [f"> Warning: {w}", ""]
+    for s in summary["specificity"]:
+        lines += _specificity(summary, s) + [""]
+    analyses = summary["analyses"]
+    single = len(analyses) == 1
+    for a in analyses:
+        step = "" if a["step"] is None else f", step {a['step']}"
+        heading = "## Results" if single else f"## Contrast {a['contrast']}{step}: {a['label']}"
+        lines += _card(summary, a, heading) + [""]
+        if not single:
+            lines += _results(summary, a, 3) + [""]
+    lines += _replication(summary)
+    lines += _methods(manifest, summary)
+    if single:
+        lines += _results(summary, analyses[0], 2)
     lines += ["", "## Figures", ""]
     for k, fig in enumerate(figures, 1):
         lines += [f"![Figure {k}]({fig.path})", "", f"**Figure {k}.** {fig.caption}", ""]
@@ -304,8 +362,9 @@ def write_report(run_dir: str | Path, workers=None) -> Path:
             raise FileNotFoundError(f"{run_dir}: no {name}; is this a completed run directory of this otherview "
                                     "version? (re-run `otherview exec` to write one)")
     manifest, summary = store.read_json(run_dir / "manifest.json"), store.read_json(run_dir / "summary.json")
-    if "groups" not in summary:
-        raise FileNotFoundError(f"{run_dir}: summary.json predates per-unit inference; re-run `otherview exec`")
+    if not isinstance(summary, dict) or "analyses" not in summary:
+        raise FileNotFoundError(f"{run_dir}: summary.json predates this otherview version's designs; re-run "
+                                "`otherview exec`")
     figures = figures_mod.write_figures(run_dir, manifest, summary, workers)
     store.atomic_write_text(run_dir / "report.md", render(manifest, summary, figures))
     return run_dir / "report.md"

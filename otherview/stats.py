@@ -25,24 +25,27 @@ class StatsError(ValueError):
     """The data cannot be tested as given (e.g. it contains NaN)."""
 
 
-def paired_differences(rms: np.ndarray, plan: Plan) -> np.ndarray:
-    """Return d = a - b per pair and unit.
+def paired_differences(rms: np.ndarray, plan: Plan, contrast: str | None = None) -> np.ndarray:
+    """Return a contrast's value per item and unit (the first contrast by default).
 
     Parameters
     ----------
-    rms : ndarray, shape (n_passes, n_units)
-        Per-pass RMS in the plan's pass order (all fillers of condition a, then of condition b).
+    rms : ndarray, shape (n_rows, n_units)
+        Per-pass values in the design's row order (``passes.csv``).
     plan : Plan
+    contrast : str, optional
+        A contrast's name; the design's first contrast when omitted.
 
     Returns
     -------
-    d : ndarray, shape (n_pairs, n_units), float64
+    d : ndarray, shape (n_items, n_units), float64
+        For the card's ``a - b`` contrast, d = a - b per item.
     """
-    n = len(plan.spec.axis.fillers)
+    design = plan.design
     rms = np.asarray(rms, dtype=np.float64)
-    if rms.shape != (2 * n, plan.n_units):
-        raise StatsError(f"rms: expected shape {(2 * n, plan.n_units)}, got {rms.shape}")
-    return rms[:n] - rms[n:]
+    if rms.shape != (design.n_rows, plan.n_units):
+        raise StatsError(f"rms: expected shape {(design.n_rows, plan.n_units)}, got {rms.shape}")
+    return design.contrast_d(rms, contrast or design.contrasts[0].name)
 
 
 def _check_finite(d: np.ndarray) -> None:

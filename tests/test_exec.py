@@ -31,23 +31,30 @@ def small_run(tmp_path_factory):
 def test_run_directory_is_complete(small_run):
     names = {p.name for p in small_run.iterdir()}
     assert {"manifest.json", "reference.png", "rms.safetensors", "null.safetensors", "units.csv", "summary.json",
-            "report.md"} <= names
+            "report.md", "passes.csv"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     manifest = json.loads((small_run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["random_weights"] is True
     assert manifest["spec_text"] == (SPECS / "pass" / "small.toml").read_text()
-    assert len(manifest["spec_hash"]) == 64 and manifest["seeds"] == {"reference": 1, "probe": 0, "null": 0}
+    assert len(manifest["spec_hash"]) == 64 and manifest["seeds"] == {"reference": [1], "probe": [0], "null": 0}
     assert manifest["versions"]["torch"] and manifest["device"]["device"] == "cpu"
-    assert manifest["null"]["exact"] is True and manifest["null"]["flips"] == 2 ** 5
+    null = manifest["null"]["viewpoint_vs_mention"]
+    assert null["exact"] is True and null["flips"] == 2 ** 5
 
 
 def test_arrays_and_table_agree(small_run):
     arrays = read_tensors(small_run / "rms.safetensors")
-    rms, d, t = arrays["rms"], arrays["d"], arrays["t"]
+    rms, d, t = arrays["rms"], arrays["viewpoint_vs_mention/d"], arrays["viewpoint_vs_mention/t"]
     assert rms.shape == (12, 10) and np.all(rms > 0) and np.all(np.isfinite(rms))
     np.testing.assert_allclose(d, rms[:6].astype(np.float64) - rms[6:], rtol=1e-12)
     rows = read_csv(small_run / "units.csv")
     assert len(rows) == 10 and rows[0]["site"] == "transformer_blocks.0.attn.to_out.0"
+    assert {r["analysis"] for r in rows} == {"viewpoint_vs_mention"}
+    passes = read_csv(small_run / "passes.csv")
+    assert len(passes) == 12 and [int(r["row"]) for r in passes] == list(range(12))
+    assert passes[0]["condition"] == "viewpoint" and passes[6]["condition"] == "mention"
+    assert passes[0]["item_value"] == "a cat" and passes[0]["step"] == "mean"
+    assert passes[0]["prompt"] == "Render this kitchen from the viewpoint of a cat" and int(passes[0]["tokens"]) > 40
     np.testing.assert_allclose([float(r["t"]) for r in rows], t, rtol=1e-12)
     assert {r["kind"] for r in rows} == {"attention", "mlp"}
     p = np.array([float(r["p_uncorrected"]) for r in rows])

@@ -8,8 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from otherview import figures, inference, report, stats, store
-from otherview.interpreter import _unit_rows
+from otherview import figures, inference, report, store
 from otherview.model import architecture
 from otherview.plan import build_plan
 from otherview.spec import load_spec, spec_hash
@@ -21,26 +20,20 @@ AXIS_UNITS = [700, 3000, 9001, 16000]  # units whose difference follows the crea
 
 def _write_run(run_dir, plan, rms, random_weights=True):
     """Write what ``interpreter._execute`` writes after the probes, from per-pass RMS."""
+    from otherview.analysis import analyse
+    from otherview.interpreter import Phases, _phase_write
+
     spec = plan.spec
-    d = stats.paired_differences(rms, plan)
-    t = stats.paired_t(d)
-    null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
-                                spec.null.quantile)
-    inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed)
+    results = analyse(plan.design, rms)
     manifest = {"status": "complete", "spec_path": "specs/plantain.toml", "spec": spec.model_dump(mode="json"),
                 "spec_hash": spec_hash(spec), "random_weights": random_weights,
                 "model": {"source": plan.arch.source, "dtype": "bfloat16"}, "resolution": [plan.height, plan.width],
                 "resolution_note": plan.resolution_note, "versions": {"torch": "x", "diffusers": "y", "numpy": "z"},
                 "git_sha": "abc", "device": {"device": "cuda", "gpu": "NVIDIA H100"}, "phases": {"probe": 1.0}}
     store.write_json(run_dir / "manifest.json", manifest)
-    store.write_tensors(run_dir / "rms.safetensors", {"rms": rms, "d": d, "t": t})
-    r = null.result
-    store.write_tensors(run_dir / "null.safetensors", {"count_hist": r.count_hist, "exceed": r.exceed,
-                                                       "fwer_exceed": r.fwer_exceed, "max_hist": r.max_hist})
-    store.write_tensors(run_dir / "inference.safetensors", inf.arrays())
-    store.write_csv(run_dir / "units.csv", _unit_rows(plan, d, t, inf))
-    store.write_json(run_dir / "summary.json", report.summarise(plan, d, t, null, inf))
-    return d, t, inf
+    _phase_write(plan, rms, results, run_dir, Phases())
+    res = results.contrasts[0]
+    return res.d, res.t, res.inf
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +76,12 @@ def test_report_opens_like_the_card(klein_run):
 def test_methods_say_exactly_what_was_run(klein_run):
     methods = (klein_run[0] / "report.md").read_text().split("## Methods")[1].split("## Per block")[0]
     for expected in ["`builtin:klein-4b`, **random weights**", "A photographic kitchen scene, seen at eye level",
-                     "14 steps, guidance scale 4, seed 0, at 1024x1024", "1 step at guidance scale 1",
-                     "from the same noise (seed 0)", "d = viewpoint − mention per creature (N = 30 pairs)",
+                     "14 steps, guidance scale 4, seed 0", "(at 1024x1024)", "1 step at guidance scale 1",
+                     "1 seed(s) (0)", "every pass of a seed starts from the same noise",
+                     "d = viewpoint − mention", "Per creature (the unit of inference, N = 30)",
                      "1 an adult human; 2 a tall person", "30 an alien with non-visual senses",
-                     "5 double-stream sites x 192 units (960 attention, 0 MLP), 8,192 counted tokens",
-                     "20 single-stream sites x 768 units (3,840 attention, 11,520 MLP), 8,704 counted tokens",
+                     "5 double-stream image-stream sites x 192 units (960 attention, 0 MLP), 8,192 counted tokens",
+                     "20 single-stream joint-stream sites x 768 units (3,840 attention, 11,520 MLP), 8,704 counted tokens",
                      "16,320 units of 16 input channels", "512 text, 4,096 target and 4,096 reference tokens",
                      "random (200 seeded sign flips, seed 0", "Benjamini-Hochberg (1995)", "|t| > 3, 5",
                      "0.99 quantile", "10,000 permutations (the identity and 9,999 random, numpy seed 0)",
@@ -106,9 +100,9 @@ def test_blocks_kinds_and_axis_are_reported(klein_run):
     for group in ("double", "single", "attention", "mlp", "single attention", "single mlp", "all"):
         assert f"| {group} | " in kinds
     summary = store.read_json(run_dir / "summary.json")
-    found = sorted(u["unit"] for u in summary["axis"]["top_units"] if u["axis_p_fwer"] <= 0.05)
+    found = sorted(u["unit"] for u in summary["analyses"][0]["axis"]["top_units"] if u["axis_p_fwer"] <= 0.05)
     assert found == AXIS_UNITS
-    assert summary["groups"]["all"][0]["axis_fwer"] == len(AXIS_UNITS)
+    assert summary["analyses"][0]["groups"]["all"][0]["axis_fwer"] == len(AXIS_UNITS)
     assert "4 (0.025%) units follow the creature axis at family-wise p ≤ 0.05" in text
     # 10,000 permutations: p >= 1e-4, so BH needs 16,320 / (1e4 * 0.05) = 33 units at that p; it finds none.
     assert "and 0 (0%) at BH q ≤ 0.05" in text and "33 for the axis" in text
@@ -125,7 +119,7 @@ def test_unit_table_has_the_inference_columns(klein_run):
     np.testing.assert_allclose([float(r["axis_rho"]) for r in rows], inf.axis.rho, rtol=1e-15)
     assert all(float(r["d_z_low"]) <= float(r["d_z"]) <= float(r["d_z_high"]) for r in rows[:500])
     saved = store.read_tensors(run_dir / "inference.safetensors")
-    assert saved["axis_max_null"].shape == (inference.AXIS_PERMUTATIONS,)
+    assert saved["viewpoint_vs_mention/axis_max_null"].shape == (inference.AXIS_PERMUTATIONS,)
 
 
 def _png_size(path):
@@ -175,7 +169,7 @@ def test_incomplete_or_old_run_directories_say_so(klein_run, tmp_path):
     for name in ("manifest.json", "rms.safetensors", "null.safetensors"):
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     (tmp_path / "summary.json").write_text(json.dumps({"card_table": []}))
-    with pytest.raises(FileNotFoundError, match="predates per-unit inference"):
+    with pytest.raises(FileNotFoundError, match="predates this otherview version"):
         report.write_report(tmp_path)
 
 
@@ -186,9 +180,10 @@ def test_exec_writes_the_inference_files(tmp_path):
     spec, raw = load_spec(SPECS / "pass" / "small.toml")
     run = execute(spec, raw, "small.toml", out_dir=str(tmp_path))
     saved = store.read_tensors(run / "inference.safetensors")
-    assert saved["axis_p"].shape == (10,) and np.all(saved["axis_p"] >= 1 / 720)  # 6! exact, identity included
+    axis_p = saved["viewpoint_vs_mention/axis_p"]
+    assert axis_p.shape == (10,) and np.all(axis_p >= 1 / 720)  # 6! exact, identity included
     rows = store.read_csv(run / "units.csv")
-    np.testing.assert_allclose([float(r["axis_p_fwer"]) for r in rows], saved["axis_p_fwer"])
+    np.testing.assert_allclose([float(r["axis_p_fwer"]) for r in rows], saved["viewpoint_vs_mention/axis_p_fwer"])
     assert {p.name for p in (run / "figures").iterdir()} == {"t_map.png", "null_counts.png", "block_bars.png",
                                                              "axis_units.png"}
     assert "exact (all 720 permutations)" in (run / "report.md").read_text()

@@ -208,6 +208,20 @@ class Architecture:
             return {"kv_cache_mode": "extract", "num_ref_tokens": reference_tokens}
         return {}
 
+    # --- guidance ------------------------------------------------------------------------------
+    def evaluations_per_step(self, guidance_scale: float) -> int:
+        """Return transformer evaluations per denoising step at ``guidance_scale``.
+
+        Two (real CFG) above 1 on a base model; one on a distilled model, whose pipeline ignores
+        guidance > 1 with a warning, and on the KV variant, whose pipeline takes no guidance at all.
+        A model whose configs do not say is taken as base (``is_distilled`` defaults to False).
+        """
+        return 2 if guidance_scale > 1 and not self.distilled else 1
+
+    def generation_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        """Return the guidance keyword of a pipeline call (none for ``Flux2KleinKVPipeline``)."""
+        return {} if self.reference_self_attention else {"guidance_scale": guidance_scale}
+
     # --- sites and tokens ----------------------------------------------------------------------
     def sites(self) -> list[CandidateSite]:
         """Return every capturable projection, in the order the forward runs them."""

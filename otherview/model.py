@@ -98,7 +98,7 @@ def _from_builtin(name: str, source: str, variant: dict[str, Any] | None = None)
         vae_scale_factor=vae_scale(_read(folder / "vae.json")),
         description=variant.get("description", meta.get("description", "")),
         pipeline_class=variant.get("pipeline", meta.get("pipeline", KLEIN_PIPELINE)),
-        distilled=variant.get("distilled", meta.get("distilled")), text_encoder=text_encoder, name=name)
+        distilled=variant.get("distilled", meta.get("distilled", False)), text_encoder=text_encoder, name=name)
 
 
 def _from_folder(folder: Path, source: str) -> Architecture:

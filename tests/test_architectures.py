@@ -131,6 +131,11 @@ def test_kv_variant_layout_and_forward_keywords():
     assert kv.probe_forward_kwargs(4096) == {"kv_cache_mode": "extract", "num_ref_tokens": 4096}
     assert architecture("builtin:klein-9b").probe_forward_kwargs(4096) == {}
     assert "KV" in kv.summary() and "reference before the target" in kv.summary()
+    # Guidance: real CFG only on a base model; the KV pipeline takes no guidance keyword.
+    assert kv.evaluations_per_step(4.0) == 1 and kv.generation_kwargs(4.0) == {}
+    base, distilled = architecture("black-forest-labs/FLUX.2-klein-base-9B"), architecture("black-forest-labs/FLUX.2-klein-9B")
+    assert (base.evaluations_per_step(4.0), base.evaluations_per_step(1.0), distilled.evaluations_per_step(4.0)) == (2, 1, 1)
+    assert distilled.generation_kwargs(1.0) == {"guidance_scale": 1.0}
 
 
 def test_kv_variant_refuses_counting_reference_tokens(plantain):

@@ -316,7 +316,7 @@ def select_sites(arch: Architecture, entries: Iterable[str]) -> list[CandidateSi
         if not hits:
             raise ArchitectureError(f"'{entry}' matches no capturable projection of {arch.source} "
                                     f"(roles: {_quoted(role_names())}; patterns, e.g. "
-                                    f"{_quoted(r.pattern for r in ROLES)}; a block: {candidates[0].name})")
+                                    f"{_quoted(r.pattern for r in ROLES)}; a block: {ROLES[0].module.format(0)})")
         chosen.update(hits)
     return [c for c in candidates if c.name in chosen]
 

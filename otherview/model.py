@@ -16,7 +16,7 @@ import json
 from contextlib import contextmanager
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,14 @@ def architecture(source: str) -> Architecture:
     folder = Path(source).expanduser()
     if folder.is_dir():
         return _from_folder(folder, str(folder))
+    known = _variants().get(source.lower())
     cached = _hub_cached_folder(source)
     if cached is not None:
-        return _from_folder(cached, source)
-    known = _variants().get(source.lower())
+        arch = _from_folder(cached, source)
+        if known is not None and not (cached / "model_index.json").exists():  # the variant's flags, then
+            arch = replace(arch, pipeline_class=known[1].get("pipeline", KLEIN_PIPELINE),
+                           distilled=known[1].get("distilled"))
+        return arch
     if known is not None:
         return _from_builtin(known[0], source, known[1])
     raise ModelUnavailable(_unavailable_message(source))

@@ -190,3 +190,55 @@ def test_facts_match_the_installed_diffusers():
             assert modules[site.name].in_features == site.width, site.name
         assert abs(sum(p.numel() for p in pipe.transformer.parameters()) - params) < 1e6
         assert len(pipe.text_encoder.model.layers) > max(TEXT_ENCODER_OUT_LAYERS)
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_reference_tokens_differ_by_prompt_only_without_kv(tiny_pipe, kv):
+    """Run diffusers' own KV forward: reference-token inputs of every site are equal across prompts."""
+    import dataclasses
+
+    import torch
+    from diffusers import Flux2KleinPipeline as P
+    from diffusers.models.transformers.transformer_flux2 import (Flux2AttnProcessor, Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor,
+                                                                 Flux2ParallelSelfAttnProcessor)
+
+    arch = architecture("builtin:tiny")
+    if kv:
+        arch = dataclasses.replace(arch, pipeline_class=KLEIN_KV_PIPELINE)
+    t = tiny_pipe.transformer
+    counts = TokenCounts(8, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    cfg = arch.transformer
+    target, reference = (torch.randn(1, cfg["in_channels"], 4, 4, generator=g) for _ in range(2))
+    ids = arch.join_image_stream(P._prepare_latent_ids(target), P._prepare_image_ids([reference]))
+    hidden = arch.join_image_stream(P._pack_latents(target), P._pack_latents(reference))
+    seen = {}
+    hooks = [t.get_submodule(s.name).register_forward_pre_hook(
+        lambda m, a, n=s.name: seen.setdefault(n, []).append(a[0].clone())) for s in arch.sites()]
+    try:
+        if kv:  # what Flux2KleinKVPipeline installs
+            for b in t.transformer_blocks:
+                b.attn.set_processor(Flux2KVAttnProcessor())
+            for b in t.single_transformer_blocks:
+                b.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+        with torch.no_grad():
+            for _ in range(2):  # two prompts
+                text = torch.randn(1, counts.text, cfg["joint_attention_dim"], generator=g)
+                t(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([1.0]), img_ids=ids,
+                  txt_ids=P._prepare_text_ids(text), guidance=None, return_dict=False,
+                  **arch.probe_forward_kwargs(counts.reference))
+    finally:
+        for h in hooks:
+            h.remove()
+        for b in t.transformer_blocks:
+            b.attn.set_processor(Flux2AttnProcessor())
+        for b in t.single_transformer_blocks:
+            b.attn.set_processor(Flux2ParallelSelfAttnProcessor())
+    for site in arch.sites():
+        first, second = seen[site.name]
+        assert first.shape[1] == arch.site_tokens(site.kind, counts)
+        for part in arch.token_parts(site.kind):
+            s, e = arch.segment(site.kind, part, counts)
+            same = torch.equal(first[:, s:e], second[:, s:e])
+            assert same == (kv and part == "reference"), (site.name, part)

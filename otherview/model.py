@@ -2,9 +2,12 @@
 
 A source is a hub id, a local folder saved with ``save_pretrained``, or ``builtin:NAME`` for a
 random-weight model built from configs shipped in ``otherview/configs/NAME`` (``tiny`` runs a full
-spec on a CPU in seconds; ``klein-4b`` is the full FLUX.2 Klein 4B architecture, for GPU
-benchmarks). Nothing is downloaded: this module reads configs without allocating weights (for
-``otherview plan``) and builds or loads the pipeline (for ``otherview exec``).
+spec on a CPU in seconds; ``klein-4b`` and ``klein-9b`` are the full FLUX.2 Klein 4B and 9B
+architectures, for GPU benchmarks). Each config folder's ``otherview.json`` lists the hub ids of the
+released variants it describes, so those plan offline. Nothing is downloaded: this module finds a
+source's configs and reads them into an ``architectures.Architecture`` without allocating weights
+(for ``otherview plan``), and builds or loads the pipeline (for ``otherview exec``). What the configs
+mean (sites, token layout, the KV variant) is ``architectures``' business.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import json
 from contextlib import contextmanager
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .architectures import (KLEIN_PIPELINE, Architecture, ArchitectureError, pipeline_of, text_encoder_layers,  # noqa: F401
+                            vae_scale)  # Architecture is imported from here by callers that predate architectures
 
 log = logging.getLogger(__name__)
 
@@ -32,43 +38,6 @@ class ModelUnavailable(Exception):
 
 class ModelSettingError(ValueError):
     """A spec's runtime setting does not fit the model (e.g. an unknown attention backend)."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What a plan needs to know of a model, read from configs without building weights."""
-
-    source: str
-    transformer: dict[str, Any]
-    text_encoder_out_layers: tuple[int, ...]
-    random_weights: bool
-    resolution: int | None = None  # a built-in small model runs at this size, whatever the spec asks
-    vae_scale_factor: int = 8
-    description: str = ""
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.transformer["attention_head_dim"])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.transformer["num_attention_heads"])
-
-    @property
-    def inner_dim(self) -> int:
-        return self.head_dim * self.n_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.inner_dim * float(self.transformer.get("mlp_ratio", 3.0)))
-
-    @property
-    def n_double(self) -> int:
-        return int(self.transformer["num_layers"])
-
-    @property
-    def n_single(self) -> int:
-        return int(self.transformer["num_single_layers"])
 
 
 @dataclass
@@ -99,90 +68,107 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _vae_scale(vae_config: dict[str, Any]) -> int:
-    return 2 ** (len(vae_config.get("block_out_channels", [128, 256, 512, 512])) - 1)
-
-
-def _known_hub_architecture(source: str) -> str | None:
+def _variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Return the known hub ids (lower case) -> (shipped config folder, variant entry)."""
+    out = {}
     for name in builtin_names():
-        if source in _read(_builtin_dir(name) / MARKER).get("hub_ids", []):
-            return name
-    return None
+        for variant in _read(_builtin_dir(name) / MARKER).get("variants", []):
+            out[variant["hub_id"].lower()] = (name, variant)
+    return out
+
+
+def known_hub_ids() -> list[str]:
+    """Return the hub ids of the released models whose configs ship with otherview."""
+    return sorted(v["hub_id"] for _, v in _variants().values())
+
+
+def _optional(path: Path) -> dict[str, Any]:
+    return _read(path) if path.exists() else {}
+
+
+def _from_builtin(name: str, source: str, variant: dict[str, Any] | None = None) -> Architecture:
+    folder = _builtin_dir(name)
+    meta = _read(folder / MARKER)
+    transformer, text_encoder = _read(folder / "transformer.json"), _read(folder / "text_encoder.json")
+    layers = meta.get("text_encoder_out_layers") or text_encoder_layers(text_encoder, transformer["joint_attention_dim"])
+    variant = variant or {}
+    return Architecture(
+        source=source, transformer=transformer, text_encoder_out_layers=tuple(layers),
+        random_weights=not variant, resolution=None if variant else meta.get("resolution"),
+        vae_scale_factor=vae_scale(_read(folder / "vae.json")),
+        description=variant.get("description", meta.get("description", "")),
+        pipeline_class=variant.get("pipeline", meta.get("pipeline", KLEIN_PIPELINE)),
+        distilled=variant.get("distilled", meta.get("distilled", False)), text_encoder=text_encoder, name=name)
+
+
+def _from_folder(folder: Path, source: str) -> Architecture:
+    """Return the architecture of a pipeline folder (save_pretrained layout, or a hub snapshot)."""
+    try:
+        transformer = _read(folder / "transformer" / "config.json")
+    except FileNotFoundError:
+        raise ModelUnavailable(f"'{source}' is a folder but holds no transformer/config.json: is it a "
+                               "pipeline saved with save_pretrained?") from None
+    text_encoder = _optional(folder / "text_encoder" / "config.json")
+    meta = _optional(folder / MARKER)
+    try:
+        pipeline_class, distilled = pipeline_of(_optional(folder / "model_index.json"))
+    except ArchitectureError as exc:
+        raise ModelUnavailable(f"'{source}': {exc}") from None
+    layers = meta.get("text_encoder_out_layers") or text_encoder_layers(text_encoder, transformer["joint_attention_dim"])
+    return Architecture(
+        source=source, transformer=transformer, text_encoder_out_layers=tuple(layers),
+        random_weights=bool(meta.get("random_weights", False)), resolution=meta.get("resolution"),
+        vae_scale_factor=vae_scale(_optional(folder / "vae" / "config.json")), pipeline_class=pipeline_class,
+        distilled=distilled, text_encoder=text_encoder, description=meta.get("description", ""))
 
 
 def architecture(source: str) -> Architecture:
-    """Return the architecture of ``source`` from its configs alone (no weights are allocated)."""
+    """Return the architecture of ``source`` from its configs alone (no weights are allocated).
+
+    ``builtin:NAME`` reads the shipped configs; a folder reads its own; a hub id reads the local hub
+    cache where the model was downloaded, and otherwise the shipped configs of a known released
+    variant (FLUX.2 Klein 4B and 9B, base and distilled, 9B KV), so ``otherview plan`` works offline.
+    """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
-        folder = _builtin_dir(name)
-        meta = _read(folder / MARKER)
-        return Architecture(
-            source=source,
-            transformer=_read(folder / "transformer.json"),
-            text_encoder_out_layers=tuple(meta["text_encoder_out_layers"]),
-            random_weights=True,
-            resolution=meta.get("resolution"),
-            vae_scale_factor=_vae_scale(_read(folder / "vae.json")),
-            description=meta.get("description", ""),
-        )
+        return _from_builtin(name, source)
     folder = Path(source).expanduser()
     if folder.is_dir():
-        try:
-            transformer = _read(folder / "transformer" / "config.json")
-        except FileNotFoundError:
-            raise ModelUnavailable(f"'{source}' is a folder but holds no transformer/config.json: is it a "
-                                   "pipeline saved with save_pretrained?") from None
-        vae = _read(folder / "vae" / "config.json") if (folder / "vae" / "config.json").exists() else {}
-        meta = _read(folder / MARKER) if (folder / MARKER).exists() else {}
-        return Architecture(
-            source=str(folder),
-            transformer=transformer,
-            text_encoder_out_layers=tuple(meta.get("text_encoder_out_layers") or _default_out_layers(folder)),
-            random_weights=bool(meta.get("random_weights", False)),
-            resolution=meta.get("resolution"),
-            vae_scale_factor=_vae_scale(vae),
-        )
-    known = _known_hub_architecture(source)
-    cached = _hub_cached_config(source)
+        return _from_folder(folder, str(folder))
+    known = _variants().get(source.lower())
+    cached = _hub_cached_folder(source)
     if cached is not None:
-        return Architecture(source=source, transformer=cached, text_encoder_out_layers=(9, 18, 27),
-                            random_weights=False)
+        arch = _from_folder(cached, source)
+        if known is not None and not (cached / "model_index.json").exists():  # the variant's flags, then
+            arch = replace(arch, pipeline_class=known[1].get("pipeline", KLEIN_PIPELINE),
+                           distilled=known[1].get("distilled"))
+        return arch
     if known is not None:
-        arch = architecture(BUILTIN_PREFIX + known)
-        return Architecture(source=source, transformer=arch.transformer,
-                            text_encoder_out_layers=arch.text_encoder_out_layers, random_weights=False,
-                            vae_scale_factor=arch.vae_scale_factor)
+        return _from_builtin(known[0], source, known[1])
     raise ModelUnavailable(_unavailable_message(source))
 
 
-def _default_out_layers(folder: Path) -> tuple[int, ...]:
-    te = folder / "text_encoder" / "config.json"
-    tr = _read(folder / "transformer" / "config.json")
-    if not te.exists():
-        return (9, 18, 27)
-    cfg = _read(te)
-    n = int(tr["joint_attention_dim"]) // int(cfg["hidden_size"])
-    layers = int(cfg["num_hidden_layers"])
-    if n == 3 and layers >= 28:
-        return (9, 18, 27)
-    # Evenly spaced hidden states, the last one the final layer's.
-    return tuple(round(layers * (i + 1) / n) for i in range(n))
-
-
-def _hub_cached_config(repo_id: str) -> dict[str, Any] | None:
+def _hub_cached_folder(repo_id: str) -> Path | None:
+    """Return the local hub-cache snapshot of ``repo_id`` if its configs are there (nothing is downloaded)."""
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(repo_id, "transformer/config.json", local_files_only=True)
+        path = Path(hf_hub_download(repo_id, "transformer/config.json", local_files_only=True))
+        for name in ("model_index.json", "vae/config.json", "text_encoder/config.json"):
+            try:
+                hf_hub_download(repo_id, name, local_files_only=True)
+            except Exception:  # a missing optional config: defaults apply
+                pass
     except Exception:  # not in the local cache (or not a valid id): the caller explains
         return None
-    return _read(Path(path))
+    return path.parent.parent
 
 
 def _unavailable_message(source: str) -> str:
     return (f"the weights of '{source}' are not on this machine and cannot be downloaded here; "
-            "use --model builtin:klein-4b (random weights, same architecture), --model builtin:tiny, "
-            "or --model /path/to/a/local/pipeline/folder")
+            "use --model builtin:klein-4b or builtin:klein-9b (random weights, same architecture), "
+            "--model builtin:tiny, or --model /path/to/a/local/pipeline/folder "
+            f"(released models planned from shipped configs: {', '.join(known_hub_ids())})")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -228,11 +214,16 @@ def byte_tokenizer(model_max_length: int = 4096):
 
 
 def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
-    """Return a ``Flux2KleinPipeline`` of built-in model ``name`` with seeded random weights."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    """Return a ``Flux2KleinPipeline`` of built-in model ``name`` with seeded random weights.
+
+    ``device="meta"`` builds the module tree without allocating (for checking names and shapes).
+    """
+    import diffusers
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     folder = _builtin_dir(name)
+    pipeline_class = getattr(diffusers, _read(folder / MARKER).get("pipeline", KLEIN_PIPELINE))
     device = torch.device(device)
     torch.manual_seed(seed)
     strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
@@ -248,8 +239,8 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.d
     finally:
         torch.set_default_dtype(previous)
     scheduler = FlowMatchEulerDiscreteScheduler(**strip(_read(folder / "scheduler.json")))
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=byte_tokenizer(), transformer=transformer)
+    pipe = pipeline_class(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                          tokenizer=byte_tokenizer(), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -260,6 +251,7 @@ def save_builtin(name: str, path: str | os.PathLike, seed: int = 0) -> Path:
     pipe = build_builtin(name, seed=seed)
     pipe.save_pretrained(path)
     meta = _read(_builtin_dir(name) / MARKER)
+    meta.pop("variants", None)  # the released models' hub ids describe the configs, not this folder
     meta["random_weights"] = True
     meta["built_from"] = BUILTIN_PREFIX + name
     (path / MARKER).write_text(json.dumps(meta, indent=2))
@@ -275,7 +267,7 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
         log.info("building %s with random weights on %s (%s)", source, dev, dt)
         pipe = build_builtin(source[len(BUILTIN_PREFIX):], dtype=dt, device=dev)
     else:
-        pipe = _from_pretrained(source, dt).to(dev)
+        pipe = _from_pretrained(source, dt, arch.pipeline_class).to(dev)
         pipe.set_progress_bar_config(disable=True)
     info = {"source": source, "random_weights": arch.random_weights, "dtype": str(dt).replace("torch.", ""),
             "device": str(dev), "parameters": {name: sum(p.numel() for p in m.parameters())
@@ -285,11 +277,11 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     return LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype):
-    from diffusers import Flux2KleinPipeline
+def _from_pretrained(source: str, dtype: torch.dtype, pipeline_class: str = KLEIN_PIPELINE):
+    import diffusers
 
-    try:
-        return Flux2KleinPipeline.from_pretrained(source, dtype=dtype)
+    try:  # the KV variant needs Flux2KleinKVPipeline: it installs the KV attention processors
+        return getattr(diffusers, pipeline_class).from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None

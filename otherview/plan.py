@@ -2,21 +2,17 @@
 
 Nothing here allocates weights; ``otherview plan`` prints this, ``otherview exec`` runs it.
 
-FLUX.2 token layout, which decides what each site sees. The image stream is
-``[target latents | reference latents]`` (the pipeline concatenates the reference after the noisy
-target). In double-stream blocks ``attn.to_out.0`` sees only the image stream and ``attn.to_add_out``
-only the text stream; single-stream blocks see ``[text | target | reference]``, and the input of their
-``attn.to_out`` is ``[attention (heads x head_dim) | MLP hidden]``, so every unit there is labelled
-attention head or MLP.
+What each site sees (its token layout, whether its input holds MLP channels, the KV variant's
+reference) is ``architectures``' knowledge; this module turns it into sites, units and segments.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
+from .architectures import (Architecture, ArchitectureError, CandidateSite, TokenCounts, reference_count_problem,
+                            resolve_unit_width, select_sites, unit_counts, units_by_role)
 from .design import Design, ProbePass, build_design
-from .model import Architecture
 from .spec import Spec
 
 
@@ -45,6 +41,10 @@ class Site:
     n_units: int
     segment: tuple[int, int]  # token range [start, end) of the counted tokens in this site's input
     tokens: int  # tokens in this site's input
+    role: str = ""  # "attention-out image", "attention-out text" or "single out" (architectures.ROLES)
+    heads: int = 0  # attention heads whose outputs the input holds
+    attention_units: int = 0  # units over attention channels (the first ones)
+    mlp_units: int = 0  # units over MLP hidden channels (single-stream only), after them
 
 
 @dataclass(frozen=True)
@@ -96,26 +96,21 @@ class Plan:
         return list(dict.fromkeys(p.prompt for p in self.passes))
 
 
-def _candidate_sites(arch: Architecture) -> list[tuple[str, int, str, str, int, int]]:
-    out = []
-    for i in range(arch.n_double):
-        out.append((f"transformer_blocks.{i}.attn.to_out.0", i, "double", "image", arch.inner_dim, arch.inner_dim))
-        out.append((f"transformer_blocks.{i}.attn.to_add_out", i, "double", "text", arch.inner_dim, arch.inner_dim))
-    width = arch.inner_dim + arch.mlp_hidden
-    for i in range(arch.n_single):
-        out.append((f"single_transformer_blocks.{i}.attn.to_out", i, "single", "joint", width, arch.inner_dim))
-    return out
+def _candidate_sites(arch: Architecture, entries: list[str]) -> list[CandidateSite]:
+    """Return the sites ``capture.sites`` names (roles or module patterns), in forward order."""
+    try:
+        return select_sites(arch, entries)
+    except ArchitectureError as exc:
+        raise PlanError(f"capture.sites: {exc}") from None
 
 
-def _segment(kind: str, tokens: str, n_text: int, n_target: int, n_ref: int) -> tuple[int, int] | None:
-    """Return the token range of ``tokens`` in a site of ``kind``, or None if the site never sees them."""
-    layout = {"image": {"target": (0, n_target), "reference": (n_target, n_target + n_ref),
-                        "image": (0, n_target + n_ref), "all": (0, n_target + n_ref)},
-              "text": {"text": (0, n_text), "all": (0, n_text)},
-              "joint": {"text": (0, n_text), "target": (n_text, n_text + n_target),
-                        "reference": (n_text + n_target, n_text + n_target + n_ref),
-                        "image": (n_text, n_text + n_target + n_ref), "all": (0, n_text + n_target + n_ref)}}
-    return layout[kind].get(tokens)
+def _segment(arch: Architecture, site: CandidateSite, tokens: str, counts: TokenCounts) -> tuple[int, int]:
+    """Return the token range of ``tokens`` in ``site``'s input; raise if the site never sees them."""
+    segment = arch.segment(site.kind, tokens, counts)
+    if segment is None:
+        raise PlanError(f"capture.tokens: {site.name} never sees '{tokens}' tokens "
+                        f"(its input holds the {site.kind} stream); narrow capture.sites or change capture.tokens")
+    return segment
 
 
 def _check_unit_width(g: int, arch: Architecture, width: int, attention_width: int, name: str) -> None:
@@ -128,6 +123,11 @@ def _check_unit_width(g: int, arch: Architecture, width: int, attention_width: i
 
 
 def _units_of(site: Site, g: int, head_dim: int) -> list[Unit]:
+    """Return ``site``'s units: attention-head channel groups first, then (single-stream) MLP groups.
+
+    A unit past the attention width is an MLP channel group (head -1, ``subgroup`` its index within
+    the MLP hidden); with head-wide units (g = head_dim) each attention unit is one head.
+    """
     units = []
     for k in range(site.n_units):
         c0, c1 = k * g, (k + 1) * g
@@ -137,6 +137,26 @@ def _units_of(site: Site, g: int, head_dim: int) -> list[Unit]:
             kind, head, sub = "mlp", -1, (c0 - site.attention_width) // g
         units.append(Unit(site.unit_offset + k, site.name, site.block, site.stream, c0, c1, kind, head, sub))
     return units
+
+
+def _sites(spec: Spec, arch: Architecture, counts: TokenCounts) -> tuple[list[Site], int]:
+    """Return the plan's sites (with unit offsets and token segments) and the resolved unit width."""
+    g = resolve_unit_width(spec.capture.unit_width, arch)
+    chosen = _candidate_sites(arch, list(spec.capture.sites))
+    problem = reference_count_problem(arch, spec.capture.tokens, chosen)
+    if problem is not None:
+        raise PlanError(problem)
+    sites: list[Site] = []
+    offset = 0
+    for c in chosen:
+        segment = _segment(arch, c, spec.capture.tokens, counts)
+        _check_unit_width(g, arch, c.width, c.attention_width, c.name)
+        per_kind = unit_counts(c, g)
+        sites.append(Site(c.name, c.block, c.stream, c.kind, c.width, c.attention_width, offset, c.width // g,
+                          segment, arch.site_tokens(c.kind, counts), role=c.role.name, heads=c.heads,
+                          attention_units=per_kind["attention"], mlp_units=per_kind["mlp"]))
+        offset += c.width // g
+    return sites, g
 
 
 def _resolution(spec: Spec, arch: Architecture) -> tuple[int, int, str]:
@@ -155,33 +175,15 @@ def build_plan(spec: Spec, arch: Architecture, design: Design | None = None) -> 
     """
     design = design or build_design(spec)
     height, width, note = _resolution(spec, arch)
-    multiple = arch.vae_scale_factor * 2
+    multiple = arch.token_multiple
     if height % multiple or width % multiple:
         raise PlanError(f"reference.height/width: {height}x{width} must be multiples of {multiple} for this model")
     n_target = (height // multiple) * (width // multiple)
     n_ref = n_target  # the reference is generated (or resized) at the probe's size
     n_text = spec.model.max_sequence_length
-    g = arch.head_dim if spec.capture.unit_width == "head" else spec.capture.unit_width
-    sites: list[Site] = []
-    offset = 0
-    candidates = _candidate_sites(arch)
-    for pattern in spec.capture.sites:
-        if not any(fnmatch.fnmatchcase(c[0], pattern) for c in candidates):
-            raise PlanError(f"capture.sites: '{pattern}' matches no capturable projection of {arch.source} "
-                            f"(e.g. {candidates[0][0]}, {candidates[-1][0]})")
-    for name, block, stream, kind, w, attn_w in candidates:
-        if not any(fnmatch.fnmatchcase(name, p) for p in spec.capture.sites):
-            continue
-        segment = _segment(kind, spec.capture.tokens, n_text, n_target, n_ref)
-        if segment is None:
-            raise PlanError(f"capture.tokens: {name} never sees '{spec.capture.tokens}' tokens "
-                            f"(its input holds the {kind} stream); narrow capture.sites or change capture.tokens")
-        _check_unit_width(g, arch, w, attn_w, name)
-        n_tokens = {"image": n_target + n_ref, "text": n_text, "joint": n_text + n_target + n_ref}[kind]
-        sites.append(Site(name, block, stream, kind, w, attn_w, offset, w // g, segment, n_tokens))
-        offset += w // g
+    sites, g = _sites(spec, arch, TokenCounts(n_text, n_target, n_ref))
     units = [u for s in sites for u in _units_of(s, g, arch.head_dim)]
-    cfg = lambda scale: 2 if scale > 1 else 1  # noqa: E731  (the base model runs real CFG above 1)
+    cfg = arch.evaluations_per_step  # real CFG (two evaluations) above guidance 1 on a base model
     n = len(spec.axis.fillers)
     flips = {"method": spec.null.method, "pairs": n, "exact_flips": 2 ** max(n - 1, 0),
              "random_flips": spec.null.flips}
@@ -301,6 +303,9 @@ def describe(plan: Plan, prompts: bool = False) -> str:
         mlp = sum(1 for u in plan.units if u.stream == stream and u.kind == "mlp")
         lines.append(f"  {stream}-stream: {len(sites)} sites, {sum(x.n_units for x in sites)} units "
                      f"({attn} attention, {mlp} MLP)")
+    for row in units_by_role(plan.sites):
+        lines.append(f"  {row['role']}: {row['sites']} sites, {row['heads']} heads; units: "
+                     f"{row['attention_units']} attention, {row['mlp_units']} MLP")
     for site in plan.sites:
         lines.append(f"    {site.name}: width {site.width}, units {site.unit_offset}..{site.unit_offset + site.n_units - 1}, "
                      f"tokens {site.segment[0]}..{site.segment[1]} of {site.tokens}")

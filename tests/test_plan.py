@@ -83,3 +83,42 @@ def test_plan_unknown_model_names_the_fix(runner, tmp_path):
     result = runner.invoke(main, ["plan", str(ROOT / "specs" / "plantain.toml"), "--model", "someone/unknown-model"])
     assert result.exit_code == 3
     assert "--model builtin:klein-4b" in result.output and "Traceback" not in result.output
+
+
+def test_plan_command_on_klein_9b_allocates_no_weights(runner, monkeypatch):
+    import time
+
+    import torch
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("otherview plan built a layer (allocated weights)")
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", no_weights)
+    start = time.perf_counter()
+    result = runner.invoke(main, ["plan", str(ROOT / "specs" / "plantain.toml"), "--model", "builtin:klein-9b"])
+    assert result.exit_code == 0, result.output
+    assert time.perf_counter() - start < 10
+    assert "units: 26624" in result.output
+    assert "double-stream: 8 sites, 2048 units (2048 attention, 0 MLP)" in result.output
+    assert "single-stream: 24 sites, 24576 units (6144 attention, 18432 MLP)" in result.output
+    assert "attention-out image: 8 sites, 256 heads" in result.output
+
+
+def test_klein_4b_heads_per_stream(plantain):
+    sites = ["attention-out image", "attention-out text", "single out"]
+    plan = build_plan(_with(plantain, "capture", sites=sites, unit_width=128), architecture("builtin:klein-4b"))
+    assert plan.n_units == 5 * 24 + 5 * 24 + 20 * (24 + 72) == 2_160
+    heads = {s.role: 0 for s in plan.sites}
+    for s in plan.sites:
+        heads[s.role] += s.heads
+    assert heads == {"attention-out image": 120, "attention-out text": 120, "single out": 480}
+    assert sum(s.mlp_units for s in plan.sites) == 20 * 72 == sum(u.kind == "mlp" for u in plan.units)
+    # The card's default still gives 16,320 16-channel units, three quarters of them MLP channels.
+    default = build_plan(plantain, architecture("builtin:klein-4b"))
+    assert default.n_units == 16_320 and sum(s.mlp_units for s in default.sites) == 20 * 576 == 11_520
+
+
+def test_kv_refusal_through_the_cli(runner):
+    result = runner.invoke(main, ["plan", str(ROOT / "specs" / "plantain.toml"), "--model", "black-forest-labs/FLUX.2-klein-9b-kv"])
+    assert result.exit_code == 2 and "reference tokens attend only to themselves" in result.output
+    assert "Traceback" not in result.output

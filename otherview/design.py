@@ -62,6 +62,7 @@ class ContrastDef:
     label: str
     weights: tuple[float, ...]
     derived_from: tuple[str, str] | None = None  # (effect, control) for a specificity difference
+    path: str = ""  # where the spec defines it: "contrast" or "contrasts[i]"
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _render_problems(spec: Spec, conditions: list[str], contrasts: list[Contrast
                 if all(abs(s) < 1e-12 for s in sums.values()):
                     prompt = next(iter(sums))
                     where = f" (wording {wording})" if n_wordings > 1 else ""
-                    problems.append((f"contrasts.{c.name}", f"its conditions render identically for item "
+                    problems.append((c.path, f"contrast '{c.name}': its conditions render identically for item "
                                      f"'{filler.value}'{where}: \"{prompt}\"; the contrast would be 0 by construction"))
                     break
             else:
@@ -235,9 +236,11 @@ def _null_problems(spec: Spec) -> list[tuple[str, str]]:
 
 def _contrast_defs(spec: Spec, conditions: list[str]) -> tuple[list[ContrastDef], list[SpecificityDef]]:
     contrasts = []
-    for c in spec.contrast_list():
+    for i, c in enumerate(spec.contrast_list()):
         weights = c.weight_map()
-        contrasts.append(ContrastDef(c.name, c.label(), tuple(float(weights.get(k, 0.0)) for k in conditions)))
+        path = "contrast" if spec.contrasts is None else f"contrasts[{i}]"
+        contrasts.append(ContrastDef(c.name, c.label(), tuple(float(weights.get(k, 0.0)) for k in conditions),
+                                     path=path))
     tests = []
     by_name = {c.name: c for c in contrasts}
     for t in spec.specificity:
@@ -271,7 +274,7 @@ def build_design(spec: Spec) -> Design:
     problems = _render_problems(spec, conditions, contrasts, n_wordings) + _null_problems(spec)
     for t in tests:
         if not any(contrasts[[c.name for c in contrasts].index(t.difference)].weights):
-            problems.append((f"specificity.{t.name}", f"effect '{t.effect}' and control '{t.control}' have the same "
+            problems.append(("specificity", f"'{t.name}': effect '{t.effect}' and control '{t.control}' have the same "
                              "weights: their difference is 0"))
     n = len(spec.axis.fillers)
     shape = (len(conditions), n, len(scenes), len(seeds), n_wordings)

@@ -44,7 +44,9 @@ PATCH = 2  # latents are packed in 2 x 2 patches before the transformer
 
 TOKEN_PARTS = ("text", "target", "reference")
 TOKEN_SELECTIONS = {"all": ("text", "target", "reference"), "text": ("text",), "image": ("target", "reference"),
-                    "target": ("target",), "reference": ("reference",)}  # capture.tokens -> parts counted
+                    "target": ("target",), "reference": ("reference",),
+                    # the text part, of which only each prompt's real (unpadded) tokens are counted
+                    "prompt": ("text",)}  # capture.tokens -> parts counted
 
 
 class ArchitectureError(ValueError):

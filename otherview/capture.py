@@ -40,6 +40,9 @@ class Capture:
     side_stream: "torch.cuda.Stream | None" = None  # where the reductions run, overlapping the projections
     batch: int = 0  # rows of ``buffer`` the current batch uses
     evaluations: int = 0  # counted (active) transformer evaluations since the last reset
+    # capture.tokens = "prompt": [max_batch, text_tokens] float, 1 at each row's real prompt tokens;
+    # the hooks count only those (each row has its own prompt length)
+    token_mask: "torch.Tensor | None" = None
 
     def reset(self, batch: int) -> None:
         """Zero the buffer rows of a new batch of ``batch`` samples."""
@@ -64,6 +67,9 @@ class Capture:
             counts[site.unit_offset: site.unit_offset + site.n_units] = float(n)
         self.sync()
         sumsq = self.buffer[: self.batch, 0].float().cpu()  # the one device-to-host copy of a batch
+        if self.token_mask is not None:  # each row's own number of real prompt tokens
+            real = self.token_mask[: self.batch].float().sum(dim=1).cpu()
+            return torch.sqrt(sumsq / (real[:, None] * g * max(self.evaluations, 1)))
         return torch.sqrt(sumsq / counts)
 
     def detach(self) -> None:
@@ -88,16 +94,23 @@ def _make_hook(capture: Capture, site: Site, unit_width: int, accumulate):
             if x.shape[1] != site.tokens:
                 raise CaptureError(f"{site.name} received {x.shape[1]} tokens, the plan expects {site.tokens}")
             out = capture.buffer[: x.shape[0], :, u0:u1]
+            if capture.token_mask is not None:
+                # Only each row's real prompt tokens count: zero the padding (a small [B, text, width] copy).
+                mask = capture.token_mask[: x.shape[0], :, None].to(x.dtype)
+                x = x[:, segments[0]:segments[1]] * mask
+                segs = [0, segments[1] - segments[0]]
+            else:
+                segs = segments
             side = capture.side_stream
             if side is None:
-                accumulate(x, unit_width, segments, out)
+                accumulate(x, unit_width, segs, out)
             else:
                 # The reduction is bandwidth-bound and the projection that reads the same input is
                 # compute-bound: run the reduction beside it. The side stream waits for x's
                 # producer; record_stream keeps x's memory from being reused before it is read.
                 side.wait_stream(torch.cuda.current_stream(x.device))
                 with torch.cuda.stream(side):
-                    accumulate(x, unit_width, segments, out)
+                    accumulate(x, unit_width, segs, out)
                 x.record_stream(side)
         return None
 

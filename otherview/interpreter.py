@@ -64,6 +64,7 @@ class ProbeInputs:
     image_latents: torch.Tensor  # [n_scenes, reference_tokens, channels]
     image_latent_ids: torch.Tensor  # [1, reference_tokens, 4]
     prompt_index: dict[str, int]
+    text_masks: torch.Tensor | None = None  # [n_prompts, text_tokens] 1 at real tokens ("prompt" capture)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -172,9 +173,26 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, images: list
     if image_latents.shape[1] != plan.reference_tokens or latents.shape[1] != plan.target_tokens:
         raise RuntimeError(f"token counts differ from the plan: target {latents.shape[1]} vs {plan.target_tokens}, "
                            f"reference {image_latents.shape[1]} vs {plan.reference_tokens}")
+    masks = prompt_masks(pipe.tokenizer, prompts, plan.text_tokens).to(dev) if plan.spec.capture.tokens == "prompt" \
+        else None
     return ProbeInputs(prompt_embeds=prompt_embeds, text_ids=text_ids[:1], latents=latents, latent_ids=latent_ids,
                        image_latents=image_latents.to(loaded.dtype), image_latent_ids=image_latent_ids,
-                       prompt_index={p: i for i, p in enumerate(prompts)})
+                       prompt_index={p: i for i, p in enumerate(prompts)}, text_masks=masks)
+
+
+def prompt_masks(tokenizer, prompts: list[str], text_tokens: int) -> torch.Tensor:
+    """Return [n_prompts, text_tokens] float: 1 where a prompt has a real token, 0 at padding.
+
+    Tokenised exactly as the Klein pipeline does (chat template, padding to ``text_tokens``), so
+    the mask follows the tokenizer's padding side.
+    """
+    rows = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True, enable_thinking=False)
+        enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=text_tokens)
+        rows.append(enc["attention_mask"][0].float())
+    return torch.stack(rows)
 
 
 def auto_batch_size(plan: Plan, device: torch.device) -> int:
@@ -260,6 +278,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
         cap.reset(b)
+        if inputs.text_masks is not None:
+            cap.token_mask[:b].copy_(inputs.text_masks.index_select(0, idx))
         per_step = []
         for step, t in enumerate(timesteps):
             timestep = t.expand(b).to(latents.dtype) / 1000
@@ -466,6 +486,8 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
+        if spec.capture.tokens == "prompt":
+            cap.token_mask = torch.zeros((batch_size, plan.text_tokens), dtype=torch.float32, device=device)
         if compiled:
             # One-time cost, timed apart: trace and compile the probe graph on the first batch (its
             # results are discarded; the probe phase recomputes it with the compiled graph).

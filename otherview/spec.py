@@ -185,7 +185,8 @@ class Capture(_Strict):
     # channels per unit, or "head": the model's head width (the rest of a single-stream input is
     # then labelled as MLP channel groups of the same width)
     unit_width: Literal["head"] | Annotated[int, Field(gt=0, le=65536)] = 16
-    tokens: Literal["all", "text", "image", "target", "reference"] = "all"
+    # "prompt": the text stream's real tokens only (each prompt's own length, padding excluded)
+    tokens: Literal["all", "text", "prompt", "image", "target", "reference"] = "all"
 
 
 class Null(_Strict):

@@ -221,3 +221,43 @@ def test_unit_width_head_resolves_to_the_head_width():
     assert plan.unit_width == 128 and plan.n_units == 2160
     single = [u for u in plan.units if u.site == "single_transformer_blocks.0.attn.to_out"]
     assert sum(u.kind == "attention" for u in single) == 24 and sum(u.kind == "mlp" for u in single) == 72
+
+
+def test_prompt_tokens_count_only_real_text_tokens(tmp_path):
+    """capture.tokens = "prompt": each row's RMS over its own unpadded prompt tokens, by hand."""
+    import torch
+
+    from otherview.interpreter import execute, prompt_masks
+    from otherview.model import build_builtin
+    from otherview.spec import with_overrides
+
+    spec, raw = load_spec(SPECS / "pass" / "small.toml")
+    spec = with_overrides(spec, {"capture.tokens": "prompt", "probe.batch_size": 4})
+    spec = spec.model_copy(update={"capture": spec.capture.model_copy(
+        update={"sites": ["single_transformer_blocks.*.attn.to_out"]})})
+    run = execute(spec, raw, "small.toml", out_dir=str(tmp_path / "a"))
+    rms = read_tensors(run / "rms.safetensors")["rms"]
+    one = execute(with_overrides(spec, {"probe.batch_size": 1}), raw, "small.toml", out_dir=str(tmp_path / "b"))
+    np.testing.assert_allclose(read_tensors(one / "rms.safetensors")["rms"], rms, rtol=1e-5)
+    # by hand for pass 0: the hooked input's first (real) tokens, through the same tokenizer
+    pipe = build_builtin("tiny")
+    plan = build_plan(spec, architecture("builtin:tiny"))
+    mask = prompt_masks(pipe.tokenizer, [plan.passes[0].prompt], plan.text_tokens)[0]
+    n_real = int(mask.sum())
+    assert 0 < n_real < plan.text_tokens
+    seen = {}
+    module = dict(pipe.transformer.named_modules())["single_transformer_blocks.0.attn.to_out"]
+    module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach().clone()))
+    from otherview import interpreter
+    from PIL import Image
+
+    image = Image.open(run / "reference.png")
+    inputs = interpreter.prepare_probe_inputs(type("L", (), {"pipe": pipe, "device": torch.device("cpu"),
+                                                             "dtype": torch.float32})(), plan, [image])
+    pipe.transformer(hidden_states=torch.cat([inputs.latents[:1], inputs.image_latents[:1]], dim=1),
+                     timestep=torch.ones(1), guidance=None, encoder_hidden_states=inputs.prompt_embeds[:1],
+                     txt_ids=inputs.text_ids, img_ids=torch.cat([inputs.latent_ids, inputs.image_latent_ids], dim=1),
+                     return_dict=False)
+    x = seen["x"][0, : plan.text_tokens][mask.bool()].double()  # [real tokens, width]
+    by_hand = x.pow(2).reshape(n_real, -1, plan.unit_width).mean(dim=(0, 2)).sqrt().numpy()
+    np.testing.assert_allclose(rms[0], by_hand, rtol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -108,41 +109,82 @@ def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
 
 
 @main.command(name="exec")
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @MODEL_OPTION
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Parent of the run directory (default: the spec's output.dir).")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), help="Override runtime.compile.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override probe.batch_size.")
 @click.option("--attention-backend", help="Override runtime.attention_backend (a diffusers backend name).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Share the probe batches among N processes on this machine (starts `accelerate launch`).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
-def exec_(spec_path: str, model_override: str | None, out_dir: str | None, compile_: str | None,
-          batch_size: int | None, attention_backend: str | None, quiet: bool) -> None:
-    """Run SPEC end to end and write its run directory and report."""
+def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str | None, compile_: str | None,
+          batch_size: int | None, attention_backend: str | None, processes: int, quiet: bool) -> None:
+    """Run each SPEC end to end and write its run directory and report.
+
+    Several specs share the loaded model (one run directory each). Under `accelerate launch`
+    (or with --processes N) the probe batches are shared among the processes.
+    """
     from .capture import CaptureError
     from .interpreter import execute
     from .model import ModelSettingError, ModelUnavailable
     from .plan import PlanError
     from .spec import with_overrides
 
-    spec, raw, design = _load(spec_path)
-    spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
-                                 "runtime.attention_backend": attention_backend})
-    _plan(spec, model_override, spec_path, design)  # fail fast, before any weights are touched
+    specs = []
+    for spec_path in spec_paths:  # every spec checked before any weights are touched
+        spec, raw, design = _load(spec_path)
+        spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
+                                     "runtime.attention_backend": attention_backend})
+        _plan(spec, model_override, spec_path, design)
+        specs.append((spec_path, spec, raw))
+    if processes > 1:
+        sys.exit(_launch(processes, sys.argv[sys.argv.index("exec") + 1:] if "exec" in sys.argv else []))
     start = time.perf_counter()
+    main_process = int(os.environ.get("RANK", "0")) == 0
 
     def progress(msg: str) -> None:
         if not quiet:
             click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
 
-    try:
-        run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress)
-    except PlanError as exc:
-        _fail(_problems(spec_path, exc.problems), EXIT_SPEC)
-    except (CaptureError, ModelSettingError) as exc:
-        _fail(f"{spec_path}: {exc}", EXIT_SPEC)
-    except ModelUnavailable as exc:
-        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
-    click.echo(str(run_dir))
+    models: dict = {}
+    for spec_path, spec, raw in specs:
+        try:
+            run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress,
+                              models=models)
+        except PlanError as exc:
+            _fail(_problems(spec_path, exc.problems), EXIT_SPEC)
+        except (CaptureError, ModelSettingError) as exc:
+            _fail(f"{spec_path}: {exc}", EXIT_SPEC)
+        except ModelUnavailable as exc:
+            _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+        if main_process:
+            click.echo(str(run_dir))
+
+
+def _launch(processes: int, args: list[str]) -> int:
+    """Run ``otherview exec ARGS`` (without --processes) in ``processes`` processes through accelerate."""
+    import socket
+    import subprocess
+
+    rest, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--processes":
+            skip = True
+            continue
+        if a.startswith("--processes="):
+            continue
+        rest.append(a)
+    with socket.socket() as sock:  # a free port on this machine for the processes to meet
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend",
+           "no", "-m", "otherview", "exec", *rest]
+    return subprocess.call(cmd)
 
 
 @main.command()

@@ -25,6 +25,7 @@ import torch
 
 from . import analysis as analysis_mod
 from . import capture as capture_mod
+from . import distributed
 from . import figures
 from . import model as model_mod
 from . import report as report_mod
@@ -233,7 +234,7 @@ def _check_batch_finite(rms: np.ndarray, plan: Plan, batch, step: int | None) ->
 def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, cap: capture_mod.Capture,
                batch_size: int, on_batch: Callable[[int, np.ndarray], None] | None = None,
                progress: Progress | None = None, max_batches: int | None = None, start_batch: int = 0,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, batches: list[int] | None = None) -> np.ndarray:
     """Return the per-pass, per-unit RMS, shape (n_passes x n_step_levels, n_units), running passes in batches.
 
     Row ``pass * n_step_levels + k``: the mean over steps (k = 0) or step k (``probe.capture_steps =
@@ -241,7 +242,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
     latents (its scene's). A short last batch is padded by repeating its last pass (results dropped)
     so every batch has one shape and a compiled graph is reused rather than recompiled.
     ``max_batches`` stops early (the compile warm-up runs one batch); ``start_batch`` and ``out``
-    resume from a checkpoint.
+    resume from a checkpoint; ``batches`` runs only those batch indices (this process's share under
+    accelerate), each exactly as a single process would.
     """
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
@@ -261,7 +263,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
         negative = negative.to(loaded.dtype)
     n_batches = math.ceil(len(plan.passes) / batch_size)
     stop = n_batches if max_batches is None else min(start_batch + max_batches, n_batches)
-    for k in range(start_batch, stop):
+    todo = [k for k in batches if start_batch <= k < stop] if batches is not None else range(start_batch, stop)
+    for k in todo:
         batch = plan.passes[k * batch_size:(k + 1) * batch_size]
         real = len(batch)
         b = batch_size if n_batches > 1 else real
@@ -355,22 +358,40 @@ def pass_rows(plan: Plan) -> list[dict]:
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
-            loaded: model_mod.LoadedModel | None = None, workers=None) -> Path:
+            loaded: model_mod.LoadedModel | None = None, workers=None,
+            models: dict | None = None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
     ``loaded`` reuses a model already built or loaded from the spec's source (benchmarks and tests
-    run several specs on one model); otherwise the model is loaded here. ``workers`` reuses a figure
-    pool from ``figures.start_workers`` (start it before loading a model: forking is then cheap).
+    run several specs on one model); otherwise the model is loaded here, or taken from ``models``
+    (a dict by source that this call fills: several specs of one invocation share their model).
+    ``workers`` reuses a figure pool from ``figures.start_workers`` (start it before loading a
+    model: forking is then cheap). Under ``accelerate launch`` every process calls this; the probe
+    batches are shared and only the main process writes (see ``otherview.distributed``).
     """
     say = progress or (lambda msg: log.info(msg))
     if model_override:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
+    ctx = distributed.context(spec.model.device)
+    if ctx.world > 1:
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": str(ctx.device)})})
+        if not ctx.is_main:
+            say = lambda msg: None  # noqa: E731  (one voice: the main process's)
     spec = resolve_images(spec, spec_path)
     model_mod.check_attention_backend(spec.runtime.attention_backend)  # before minutes of loading
     arch = model_mod.architecture(spec.model.source)
     plan = build_plan(spec, arch)
     device = model_mod.resolve_device(spec.model.device)
+    if loaded is None and models is not None:
+        loaded = models.get(spec.model.source)
+    if not ctx.is_main:
+        run_dir = Path(ctx.broadcast(None))
+        loaded = _execute(plan, device, run_dir, {"model": {}}, Phases(), say, loaded, None, ctx)
+        if models is not None:
+            models[spec.model.source] = loaded
+        return run_dir
     run_dir = store.new_run_dir(out_dir or spec.output.dir, spec.experiment.name)
+    ctx.broadcast(str(run_dir))
     phases = Phases()
     manifest = {"status": "running", "started": store.now(), "spec_path": spec_path, "spec_text": raw_text,
                 "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "random_weights": arch.random_weights,
@@ -386,8 +407,11 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     own_workers = workers is None
     if own_workers:
         workers = figures.start_workers()  # forked now, while this process is still small
+    manifest["processes"] = ctx.world
     try:
-        _execute(plan, device, run_dir, manifest, phases, say, loaded, workers)
+        loaded = _execute(plan, device, run_dir, manifest, phases, say, loaded, workers, ctx)
+        if models is not None:
+            models[spec.model.source] = loaded
     except BaseException as exc:
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=store.now())
         store.write_json(run_dir / "manifest.json", manifest)
@@ -443,8 +467,11 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
 
 
 def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
-             loaded: model_mod.LoadedModel | None, workers=None) -> None:
+             loaded: model_mod.LoadedModel | None, workers=None,
+             ctx: distributed.Context | None = None) -> model_mod.LoadedModel:
+    """Run the phases; return the model (for the next spec of the invocation). Workers stop after the probes."""
     spec = plan.spec
+    ctx = ctx or distributed.Context()
     if loaded is None:
         with phases("load_model", device):
             say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
@@ -464,7 +491,11 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                 loaded.pipe(prompt=prompt, height=plan.height, width=plan.width, num_inference_steps=1,
                             guidance_scale=spec.reference.guidance_scale, output_type="latent",
                             max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
-    images = _phase_reference(loaded, plan, run_dir, phases, say, device)
+    if ctx.is_main:
+        images = _phase_reference(loaded, plan, run_dir, phases, say, device)
+        ctx.broadcast(distributed.images_to_bytes(images) if ctx.world > 1 else None)
+    else:  # the main process made them: the same pixels, losslessly
+        images = distributed.images_from_bytes(ctx.broadcast(None))
     with phases("encode", device):
         inputs = prepare_probe_inputs(loaded, plan, images)
     batch_size = plan.batch_size or auto_batch_size(plan, device)
@@ -472,6 +503,8 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     buffer = torch.zeros((batch_size, 1, plan.n_units), dtype=torch.float32, device=device)
 
     def checkpoint(done_batches: int, rms: np.ndarray) -> None:
+        if ctx.world > 1:
+            return  # shards are gathered to the main process at the end of the probes
         done = min(done_batches * batch_size, len(plan.passes))
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[: done * len(plan.design.steps)]},
                             {"passes_done": str(done), "batches_done": str(done_batches),
@@ -494,8 +527,17 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
             with phases("compile_probe", device):
                 say("torch.compile: the probe graph")
                 run_probes(loaded, plan, inputs, cap, batch_size, max_batches=1)
+        n_batches = math.ceil(len(plan.passes) / batch_size)
+        mine = ctx.my_batches(n_batches)
+        if ctx.world > 1:
+            say(f"{ctx.world} processes: this one runs {len(mine)} of {n_batches} batches")
         with phases("probe", device):
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say)
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say, batches=mine)
+    if ctx.world > 1:
+        with phases("gather"):  # waits for the slowest process: probe + gather is the parallel probe time
+            rms = _gather_probes(ctx, plan, rms, batch_size, n_batches)
+        if not ctx.is_main:
+            return loaded
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed
@@ -511,3 +553,26 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     manifest.update(status="complete", finished=store.now())
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"report: {run_dir / 'report.md'}")
+    return loaded
+
+
+def _gather_probes(ctx: distributed.Context, plan: Plan, rms: np.ndarray, batch_size: int,
+                   n_batches: int) -> np.ndarray:
+    """Return, on the main process, every process's probe rows assembled in pass order (None elsewhere)."""
+    k = len(plan.design.steps)
+    rows = []
+    for b in ctx.my_batches(n_batches):
+        start, stop = b * batch_size * k, min((b + 1) * batch_size, len(plan.passes)) * k
+        rows.append((start, stop))
+    parts = ctx.gather([(a, z, rms[a:z]) for a, z in rows])
+    if not ctx.is_main:
+        return None
+    out = np.zeros_like(rms)
+    covered = np.zeros(len(out), dtype=bool)
+    for part in parts:
+        for a, z, values in part:
+            out[a:z] = values
+            covered[a:z] = True
+    if not covered.all():
+        raise RuntimeError(f"probe rows missing after gathering from {ctx.world} processes")
+    return out

@@ -1,0 +1,82 @@
+"""Scale-out with accelerate on this CPU: several processes, two 'machines' on loopback, several specs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otherview.store import read_tensors
+
+SPECS = Path(__file__).resolve().parent / "specs"
+SMALL = str(SPECS / "pass" / "small.toml")
+# Equal threads per process on both sides: a CPU GEMM's summation order depends on its thread count.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _otherview(*args, cwd=None):
+    out = subprocess.run([sys.executable, "-m", "otherview", *args], capture_output=True, text=True, env=ENV,
+                         cwd=cwd, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _run_dirs(out: str) -> list[Path]:
+    return [Path(line) for line in out.strip().splitlines() if line.startswith("/")]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    ra, rb = read_tensors(a / "rms.safetensors"), read_tensors(b / "rms.safetensors")
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        assert np.array_equal(ra[key], rb[key]), key
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["analyses"] == sb["analyses"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = _otherview("exec", SMALL, "--out", str(tmp_path_factory.mktemp("one")), "-q")
+    return _run_dirs(out.stdout)[0]
+
+
+def test_two_processes_give_the_same_run_as_one(one_process, tmp_path):
+    out = _otherview("exec", SMALL, "--out", str(tmp_path), "--processes", "2", "-q")
+    runs = _run_dirs(out.stdout)
+    assert len(runs) == 1  # only the main process writes and prints
+    _same_run(one_process, runs[0])
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["status"] == "complete" and "gather" in manifest["phases"]
+
+
+def test_two_machines_on_loopback_give_the_same_run(one_process, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "-m", "otherview", "exec", SMALL, "--out", str(tmp_path), "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = _run_dirs(outs[0][0])
+    assert len(runs) == 1 and not _run_dirs(outs[1][0])
+    _same_run(one_process, runs[0])
+
+
+def test_a_sweep_of_two_specs_writes_two_run_directories(one_process, tmp_path):
+    text = Path(SMALL).read_text().replace('name = "small"', 'name = "small-again"')
+    (tmp_path / "again.toml").write_text(text)
+    out = _otherview("exec", SMALL, str(tmp_path / "again.toml"), "--out", str(tmp_path / "runs"))
+    runs = _run_dirs(out.stdout)
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert out.stderr.count("loading builtin:tiny") == 1  # the second spec reuses the loaded model
+    _same_run(one_process, runs[0])
+    assert np.array_equal(read_tensors(runs[1] / "rms.safetensors")["rms"],
+                          read_tensors(one_process / "rms.safetensors")["rms"])

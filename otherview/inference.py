@@ -1,22 +1,27 @@
-"""Per-unit inference beyond the t: effect sizes with intervals, FDR q-values, the graded axis, summaries.
+"""Per-unit inference beyond the t: effect sizes with intervals, FDR q-values, the graded axis, summaries,
+and what a null can resolve and costs.
 
-``stats`` gives each unit's paired t and the sign-flip null (uncorrected and max-|t| family-wise
-p-values). This module adds, per unit, Cohen's d_z with a 95% interval, the Benjamini-Hochberg q of
-the sign-flip p-value, and the rank correlation of the unit's differences with the fillers' position
-on the axis, tested against its own permutation null; and, per site, stream and kind, the fraction of
-units over each |t| threshold and significant after correction. Everything is numpy (no scipy at run
-time; scipy checks these functions in the tests).
+``stats`` gives each unit's paired t and the sign-flip null (uncorrected, single-step and step-down
+max-|t| family-wise p-values). This module adds, per unit, Cohen's d_z and Hedges' g_z with the exact
+noncentral-t interval (scipy), the Benjamini-Hochberg q of the sign-flip p-value, and the rank
+correlation of the unit's differences with the fillers' position on the axis, tested against its own
+permutation null; per site, stream and kind, the units over each |t| threshold and significant after
+correction; and, for the plan, the smallest p a null can give (:func:`null_resolution`) and its
+estimated time (:func:`estimate_null_seconds`, :func:`check_null_budget`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 import torch
+from scipy import special as sp_special
+from scipy import stats as sp_stats
 
 from . import stats
 from .plan import Plan
@@ -89,6 +94,278 @@ def dz_interval(d_z: np.ndarray, n: int, level: float = CI_LEVEL) -> tuple[np.nd
     z = NormalDist().inv_cdf((1 + level) / 2)
     se = np.sqrt(1.0 / n + d_z**2 / (2.0 * n))
     return d_z - z * se, d_z + z * se
+
+
+def cohens_dz(d: np.ndarray) -> np.ndarray:
+    """Return the paired Cohen's d_z = mean(d) / sd(d) of every unit, at any scale.
+
+    Each unit is first scaled by a power of two (exact) so that 1e-300 and 1e300 give the d_z of 1.
+
+    Parameters
+    ----------
+    d : ndarray, shape (n_pairs, n_units), finite
+
+    Returns
+    -------
+    d_z : ndarray, shape (n_units,), float64
+        ``sign(mean) * inf`` where the differences are a nonzero constant (sd = 0, as t = +-inf),
+        0 where they are all 0 (as t = 0), NaN for N < 2 (no variance estimate).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    n, u = d.shape
+    if n < 2:
+        return np.full(u, np.nan)
+    amax = np.abs(d).max(0)
+    _, e = np.frexp(np.where(amax > 0, amax, 1.0))
+    x = np.ldexp(d, -e[None, :])
+    mean = x.mean(0)
+    sd = x.std(0, ddof=1)
+    # a constant column can leave sd at a few ulps of |mean|: that is 0
+    sd[sd <= 4 * np.finfo(np.float64).eps * np.abs(mean)] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dz = mean / sd
+    dz[(sd == 0) & (mean == 0)] = 0.0
+    dz[(sd == 0) & (mean != 0)] = np.sign(mean[(sd == 0) & (mean != 0)]) * np.inf
+    return dz
+
+
+def hedges_j(n: int) -> float:
+    """Return Hedges' exact small-sample correction J(m), m = N - 1 (NaN for N < 2).
+
+    J(m) = Gamma(m/2) / (sqrt(m/2) Gamma((m-1)/2)) makes g = J d unbiased under normality (Hedges
+    1981, eq. 6e); the familiar 1 - 3 / (4m - 1) approximates it (to 0.3% at N = 5, 0.003% at 30).
+    NaN for N < 3: with two pairs d_z has no finite mean, so no multiple of it is unbiased.
+    """
+    m = n - 1
+    if m < 2:
+        return float("nan")
+    return float(np.exp(sp_special.gammaln(m / 2) - 0.5 * np.log(m / 2) - sp_special.gammaln((m - 1) / 2)))
+
+
+def _nct_delta(t: np.ndarray, df: int, target: float) -> np.ndarray:
+    """Return delta with ``nct.cdf(t, df, delta) = target``, vectorised (cdf decreases in delta).
+
+    A bracket around the normal approximation (grown where needed), then the Illinois variant of
+    regula falsi on the units not yet converged (|cdf - target| < 1e-14 or a bracket of 1e-11).
+    """
+    def f(x, idx):
+        return sp_stats.nct.cdf(t[idx], df, x) - target
+
+    z = NormalDist().inv_cdf(1 - target)
+    w = np.sqrt(1.0 + t * t / (2.0 * df))
+    x0 = t + z * w
+    lo, hi = x0 - 0.5 * w - 0.5, x0 + 0.5 * w + 0.5
+    all_idx = np.arange(t.size)
+    flo, fhi = f(lo, all_idx), f(hi, all_idx)
+    for _ in range(200):  # grow until f(lo) > 0 > f(hi)
+        bad = np.flatnonzero((flo <= 0) | (fhi >= 0))
+        if not bad.size:
+            break
+        width = hi[bad] - lo[bad]
+        lo[bad] = np.where(flo[bad] <= 0, lo[bad] - width, lo[bad])
+        hi[bad] = np.where(fhi[bad] >= 0, hi[bad] + width, hi[bad])
+        flo[bad], fhi[bad] = f(lo[bad], bad), f(hi[bad], bad)
+    x = (lo + hi) / 2
+    side = np.zeros(t.size, dtype=np.int8)
+    active = all_idx
+    for _ in range(300):
+        xa = (lo[active] * fhi[active] - hi[active] * flo[active]) / (fhi[active] - flo[active])
+        xa = np.where(np.isfinite(xa) & (xa > lo[active]) & (xa < hi[active]), xa, (lo[active] + hi[active]) / 2)
+        fx = f(xa, active)
+        x[active] = xa
+        up = fx > 0  # the root lies above xa
+        sa = side[active]
+        lo[active] = np.where(up, xa, lo[active])
+        flo[active] = np.where(up, fx, np.where(sa == -1, flo[active] / 2, flo[active]))
+        hi[active] = np.where(up, hi[active], xa)
+        fhi[active] = np.where(up, np.where(sa == 1, fhi[active] / 2, fhi[active]), fx)
+        side[active] = np.where(up, 1, -1)
+        done = (np.abs(fx) < 1e-14) | (hi[active] - lo[active] <= 1e-11 * np.maximum(1.0, np.abs(xa)))
+        active = active[~done]
+        if not active.size:
+            break
+    # scipy's nct.cdf returns NaN or 1 far in the tails at df = 1-2: such roots are not roots
+    failed = ~(np.abs(sp_stats.nct.cdf(t, df, x) - target) <= 1e-8)
+    if failed.any():
+        warnings.warn(f"noncentral-t interval: scipy.stats.nct could not be inverted for {int(failed.sum())} "
+                      f"unit(s) at N = {df + 1} (|t| up to {np.abs(t[failed]).max():.3g}); their bound is NaN",
+                      RuntimeWarning, stacklevel=3)
+        x[failed] = np.nan
+    return x
+
+
+def hedges_gz(d: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return Hedges' g_z and the exact noncentral-t interval of the standardised effect, per unit.
+
+    g_z = J(N - 1) d_z (:func:`hedges_j`, :func:`cohens_dz`). The interval inverts the noncentral t:
+    t = d_z sqrt(N) has a noncentral t distribution with N - 1 degrees of freedom and noncentrality
+    delta_z sqrt(N) (normal differences), so [low, high] = [delta_L, delta_H] / sqrt(N) with
+    ``nct.cdf(t, N-1, delta_L) = (1 + level) / 2`` and ``nct.cdf(t, N-1, delta_H) = (1 - level) / 2``
+    (Steiger & Fouladi 1997; Goulet-Pelletier & Cousineau 2018). It covers the population delta_z,
+    which d_z and g_z both estimate, with exactly ``level`` under normality, at any N >= 2.
+
+    Where sd(d) = 0 the interval collapses onto the estimate, as the limit of t -> +-inf does:
+    a nonzero constant unit gives g_z = +-inf and [+-inf, +-inf]; an all-zero unit 0 and [0, 0].
+    N < 2 gives NaN everywhere (no variance estimate); N = 2 gives g_z = NaN (no unbiased multiple of
+    d_z exists, :func:`hedges_j`) and the interval. Nothing is clipped or replaced.
+
+    Parameters
+    ----------
+    d : ndarray, shape (n_pairs, n_units), finite
+    level : float
+        Coverage, in (0, 1).
+
+    Returns
+    -------
+    g, low, high : ndarray, shape (n_units,), float64
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    dz = cohens_dz(d)
+    n = np.asarray(d).shape[0]
+    g = hedges_j(n) * dz
+    low, high = dz.copy(), dz.copy()  # the collapsed intervals (sd = 0) and N < 2's NaN
+    if n >= 2:
+        ok = np.isfinite(dz) & ~((dz == 0) & (np.abs(np.asarray(d)).max(0) == 0))
+        if ok.any():
+            t = dz[ok] * math.sqrt(n)
+            low[ok] = _nct_delta(t, n - 1, (1 + level) / 2) / math.sqrt(n)
+            high[ok] = _nct_delta(t, n - 1, (1 - level) / 2) / math.sqrt(n)
+    return g, low, high
+
+
+# --- What a null can resolve, and what it costs -------------------------------------------------
+
+#: Seconds an exact null may be estimated to take before :func:`check_null_budget` refuses it.
+NULL_BUDGET_S = 600.0
+#: Measured unit-flip rates (unit-flips per second) of the compiled op, by device and mode, at one
+#: threshold; each further threshold costs ``_THRESHOLD_COST`` of that. CUDA: H100, exact N = 30,
+#: U = 16,320: 2.1e12 (one threshold) / 1.7e12 (two); random 1e6 flips in 68 ms (2.4e11, N = 30).
+#: CPU (2-core host, commit of this change): exact N = 20, U = 16,320: 7.3e8 (none) / 5.2e8 (two);
+#: random N = 30: 1.9e8 (none) / 1.5e8 (two). The plain-PyTorch reference (no compiled op): ~2e7.
+_RATES = {("cuda", "exact"): 2.1e12, ("cuda", "random"): 2.4e11,
+          ("cpu", "exact"): 7.3e8, ("cpu", "random"): 1.9e8, ("reference", "exact"): 2e7,
+          ("reference", "random"): 2e7}
+_THRESHOLD_COST = {"cuda": 0.2, "cpu": 0.2, "reference": 0.1}
+#: Random mode rebuilds S from its N pairs per flip: its rate is the N = 30 one times 30 / N.
+_RANDOM_RATE_PAIRS = 30
+
+
+class NullTooExpensive(ValueError):
+    """The null asked for would run longer than the budget; the message gives the way out."""
+
+
+def min_p(method: str, n_pairs: int, flips: int) -> float:
+    """Return the smallest p-value a sign-flip null can give: 1 / (number of flips, identity included).
+
+    ``"exact"``: 2^-(N-1) (all flips, pair 0's sign held); ``"random"``: 1 / flips. Family-wise,
+    step-down and count p-values share the floor.
+    """
+    if method == "exact":
+        return 2.0 ** -max(n_pairs - 1, 0)
+    if method == "random":
+        return 1.0 / max(int(flips), 1)
+    raise ValueError(f'method must be "exact" or "random", got "{method}"')
+
+
+def required_flips(n_units: int, alpha: float) -> int:
+    """Return the random-mode flip count whose floor lets one unit pass BH and Bonferroni at alpha.
+
+    ``1 / flips <= alpha / n_units``, rounded up to 1, 2 or 5 times a power of ten, at least 10,000
+    (16,320 units at 0.05: 500,000 flips, ~35 ms on an H100, ~1 min on a 2-core CPU).
+    """
+    need = max(10_000, math.ceil(n_units / alpha))
+    mag = 10 ** (len(str(need)) - 1)
+    for step in (1, 2, 5, 10):
+        if step * mag >= need:
+            return step * mag
+    return 10 * mag  # pragma: no cover
+
+
+def null_resolution(method: str, n_pairs: int, n_units: int, flips: int, alpha: float) -> dict:
+    """Return whether a null's p-value floor is fine enough for the corrections at alpha.
+
+    The floor must reach ``alpha / n_units``: below it a single unit can pass Benjamini-Hochberg's
+    first step and Bonferroni; above it BH rejects nothing unless ``ceil(floor * n_units / alpha)``
+    units tie at the floor (200 flips, 16,320 units: 1,632). Max-T family-wise p-values need only
+    ``floor <= alpha`` but are then coarse.
+
+    Returns
+    -------
+    dict
+        ``min_p`` (the floor), ``needed_p`` (alpha / n_units), ``enough`` (bool), ``flips_needed``
+        (random flips that would be enough; None in exact mode, whose floor is fixed by N),
+        ``ties_needed`` (units BH needs tied at the floor to reject anything) and ``message``.
+    """
+    floor = min_p(method, n_pairs, flips)
+    needed = alpha / max(n_units, 1)
+    enough = floor <= needed * (1 + 1e-12)
+    ties = max(1, math.ceil(floor * n_units / alpha - 1e-9))
+    out = {"min_p": floor, "needed_p": needed, "enough": bool(enough),
+           "flips_needed": None if method == "exact" else required_flips(n_units, alpha), "ties_needed": ties}
+    if enough:
+        out["message"] = f"smallest p {floor:.3g} <= alpha / units = {needed:.3g}: fine enough for BH and FWER"
+    elif method == "exact":
+        out["message"] = (f"exact null with {n_pairs} pairs: smallest p {floor:.3g} > alpha / units = {needed:.3g}; "
+                          f"no flip count can do better with {n_pairs} pairs: BH rejects only when >= {ties} "
+                          f"units tie at the floor, and family-wise p-values are "
+                          f"{'coarse' if floor <= alpha else 'never <= alpha'}. More pairs lower the floor.")
+    else:
+        out["message"] = (f"random null with {flips} flips: smallest p {floor:.3g} > alpha / units = {needed:.3g}; "
+                          f"BH rejects only when >= {ties} units tie at the floor. "
+                          f"Use null.flips = {out['flips_needed']} (or method = \"exact\" where affordable).")
+    return out
+
+
+def estimate_null_seconds(mode: str, n_pairs: int, n_units: int, n_flips: int, device_type: str,
+                          n_thresholds: int = 2, passes: int = 1) -> float:
+    """Return the estimated seconds of a sign-flip null, from the measured rates of ``_RATES``.
+
+    Parameters
+    ----------
+    mode : {"exact", "random"}
+    n_pairs, n_units, n_flips : int
+        ``n_flips`` is ignored in exact mode (2^(N-1)).
+    device_type : {"cuda", "cpu", "reference"}
+        ``"reference"``: no compiled op (the plain-PyTorch fallback).
+    n_thresholds : int
+        Rows of ``count_hist``.
+    passes : int
+        Passes over the flips (step-down may need more than one; each is at most the first's cost).
+    """
+    kind = device_type if device_type in ("cuda", "reference") else "cpu"
+    flips = 2.0 ** max(n_pairs - 1, 0) if mode == "exact" else float(n_flips)
+    rate = _RATES[(kind, mode)]
+    if mode == "random" and kind != "reference":
+        rate *= _RANDOM_RATE_PAIRS / max(n_pairs, 1)
+    rate /= 1.0 + _THRESHOLD_COST[kind] * max(n_thresholds - 1, 0)
+    return flips * n_units * passes / rate
+
+
+def check_null_budget(mode: str, n_pairs: int, n_units: int, n_flips: int, device_type: str,
+                      alpha: float = ALPHA, budget_s: float = NULL_BUDGET_S, n_thresholds: int = 2) -> float:
+    """Return the estimated seconds of the null, or raise :class:`NullTooExpensive` past ``budget_s``.
+
+    Called before any work (``otherview plan`` / ``exec``). The message gives the estimate and the
+    way out: random mode with a flip count fine enough for alpha and the unit count, and its time.
+    """
+    secs = estimate_null_seconds(mode, n_pairs, n_units, n_flips, device_type, n_thresholds)
+    if secs <= budget_s:
+        return secs
+    flips = required_flips(n_units, alpha)
+    alt = estimate_null_seconds("random", n_pairs, n_units, flips, device_type, n_thresholds)
+    what = f"2^{n_pairs - 1} flips" if mode == "exact" else f"{n_flips} flips"
+    raise NullTooExpensive(
+        f"null.method = \"{mode}\": {what} x {n_units} units is estimated at {_duration(secs)} on {device_type} "
+        f"(budget {_duration(budget_s)}); use null.method = \"random\" with null.flips = {flips} "
+        f"(~{_duration(alt)}, smallest p {1 / flips:.2g})" + ("" if device_type == "cuda" else ", or run on a GPU"))
+
+
+def _duration(s: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.3g} {unit}"
+    return f"{s:.3g} s"
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -214,34 +491,58 @@ def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PE
 
 @dataclass
 class UnitInference:
-    """Every per-unit statistic beyond t, for the unit table, the summary and the figures."""
+    """Every per-unit statistic beyond t, for the unit table, the summary and the figures.
+
+    ``d_z_low`` / ``d_z_high`` now hold the exact noncentral-t interval (the same as ``g_z_low`` /
+    ``g_z_high``: one interval for the population delta_z, which d_z and g_z both estimate).
+    ``p_step_down`` is None where the null was run single-step only.
+    """
 
     d_z: np.ndarray  # (n_units,)
-    d_z_low: np.ndarray  # (n_units,)
+    d_z_low: np.ndarray  # (n_units,) exact noncentral-t interval (was: normal approximation)
     d_z_high: np.ndarray  # (n_units,)
     p_uncorrected: np.ndarray  # (n_units,) sign-flip
-    p_fwer: np.ndarray  # (n_units,) max-|t| sign-flip
+    p_fwer: np.ndarray  # (n_units,) single-step max-|t| sign-flip (upper end of its bracket)
     q: np.ndarray  # (n_units,) BH of p_uncorrected
     axis: AxisNull
     axis_q: np.ndarray  # (n_units,) BH of the axis p
+    g_z: np.ndarray | None = None  # (n_units,) Hedges' g_z = J(N-1) d_z
+    g_z_low: np.ndarray | None = None  # (n_units,)
+    g_z_high: np.ndarray | None = None  # (n_units,)
+    p_step_down: np.ndarray | None = None  # (n_units,) step-down max-|t| sign-flip
+    p_fwer_error: np.ndarray | None = None  # (n_units,) width of the single-step p's bracket
+    ci_level: float = CI_LEVEL
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the arrays to store in the run directory (``inference.safetensors``)."""
-        return {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
-                "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
-                "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
+        out = {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
+               "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
+               "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
+        for name in ("g_z", "g_z_low", "g_z_high", "p_step_down", "p_fwer_error"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 def infer(d: np.ndarray, null: stats.NullSummary, covariate: np.ndarray, seed: int,
-          n_perm: int = AXIS_PERMUTATIONS, device: "torch.device | str" = "cpu") -> UnitInference:
-    """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null."""
+          n_perm: int = AXIS_PERMUTATIONS, device: "torch.device | str" = "cpu",
+          level: float = CI_LEVEL) -> UnitInference:
+    """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null.
+
+    Effect sizes: :func:`cohens_dz` and :func:`hedges_gz` (exact interval at ``level``); p-values from
+    ``null`` (single-step, and step-down where ``null`` ran it); BH q of the uncorrected p; the axis.
+    """
     d = np.asarray(d, dtype=np.float64)
-    d_z = stats.effect_size(d)
-    low, high = dz_interval(d_z, d.shape[0])
-    p = np.asarray(null.result.p_uncorrected, dtype=np.float64)
-    p_fwer = np.asarray(null.result.p_fwer, dtype=np.float64)
+    d_z = cohens_dz(d)
+    g, low, high = hedges_gz(d, level)
+    res = null.result
+    p = np.asarray(res.p_uncorrected, dtype=np.float64)
+    p_fwer = np.asarray(res.p_fwer, dtype=np.float64)
+    p_sd = res.p_step_down
     axis = axis_correlation(d, covariate, n_perm=n_perm, seed=seed, device=device)
-    return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected))
+    return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected), g, low.copy(),
+                         high.copy(), None if p_sd is None else np.asarray(p_sd, dtype=np.float64),
+                         res.p_fwer_error, level)
 
 
 def _group_row(name: str, idx: np.ndarray, t: np.ndarray, inf: UnitInference, thresholds: list[float],
@@ -252,6 +553,8 @@ def _group_row(name: str, idx: np.ndarray, t: np.ndarray, inf: UnitInference, th
     for c in thresholds:
         row[f"over_{c:g}"] = int((abs_t > c).sum())
     row["fwer"] = int((inf.p_fwer[idx] <= alpha).sum())
+    if inf.p_step_down is not None:
+        row["fwer_step_down"] = int((inf.p_step_down[idx] <= alpha).sum())
     row["fdr"] = int((inf.q[idx] <= alpha).sum())
     row["axis_fwer"] = int((inf.axis.p_fwer[idx] <= alpha).sum())
     row["axis_fdr"] = int((inf.axis_q[idx] <= alpha).sum())
@@ -269,7 +572,8 @@ def group_summaries(plan: Plan, t: np.ndarray, inf: UnitInference, alpha: float 
     """Return per-site, per-stream, per-kind and per stream-and-kind counts of responding units.
 
     Each row (``all`` holds one, over every unit): ``group, units, over_<c>`` (|t| > c, per threshold),
-    ``fwer`` (sign-flip max-|t| p <= alpha), ``fdr`` (BH q <= alpha), ``axis_fwer``, ``axis_fdr``,
+    ``fwer`` (single-step sign-flip max-|t| p <= alpha), ``fwer_step_down`` (step-down p <= alpha; only
+    where the null ran step-down), ``fdr`` (BH q <= alpha), ``axis_fwer``, ``axis_fdr``,
     ``max_abs_t``, ``top_unit``; site rows add ``site, label, stream, block, kind, attention_units`` and
     ``over_<c>_attention`` (the attention-channel part of ``over_<c>``).
 

@@ -149,7 +149,10 @@ def _nct_delta(t: np.ndarray, df: int, target: float) -> np.ndarray:
     regula falsi on the units not yet converged (|cdf - target| < 1e-14 or a bracket of 1e-11).
     """
     def f(x, idx):
-        return sp_stats.nct.cdf(t[idx], df, x) - target
+        c = sp_stats.nct.cdf(t[idx], df, x)
+        # scipy returns NaN far in some tails, where the cdf (decreasing in delta) is 1 or 0
+        c = np.where(np.isnan(c), np.where(x < t[idx], 1.0, 0.0), c)
+        return c - target
 
     z = NormalDist().inv_cdf(1 - target)
     w = np.sqrt(1.0 + t * t / (2.0 * df))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import ops
+from . import ops, resolution
+from .effects import cohens_dz
 from .ops import signflip as signflip_ops
 from .plan import Plan
 
@@ -91,10 +92,8 @@ def effect_size(d: np.ndarray) -> np.ndarray:
 
     Any scale (each unit is scaled by a power of two first). Conventions as t's: a nonzero constant
     unit gives +-inf, an all-zero unit 0; N < 2 gives NaN. Nothing is replaced by 0 (see
-    ``inference.cohens_dz``, which this is, and ``inference.hedges_gz`` for g_z and its interval).
+    ``effects.cohens_dz``, which this is, and ``effects.hedges_gz`` for g_z and its interval).
     """
-    from .inference import cohens_dz  # inference imports this module
-
     d = np.asarray(d, dtype=np.float64)
     _check_finite(d)
     return cohens_dz(d)
@@ -106,7 +105,7 @@ class NullSummary:
 
     ``flips`` is the random flip count actually used (``auto`` may raise the spec's, see
     :func:`sign_flip_null`), ``min_p`` the smallest p this null can give, ``resolution`` the
-    :func:`otherview.inference.null_resolution` dict, ``fwer`` the family-wise procedure run
+    :func:`otherview.resolution.null_resolution` dict, ``fwer`` the family-wise procedure run
     ("single-step" or "step-down"; step-down's p-values are in ``result.p_step_down``), ``notes``
     what the report should say about how the null was chosen.
     """
@@ -155,7 +154,7 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
     method : {"auto", "exact", "random"}
     flips : int
         Random mode's flips (identity included). Under ``auto``, a random null gets at least
-        ``inference.required_flips(n_units, alpha)`` so that its floor stays fine enough for the
+        ``resolution.required_flips(n_units, alpha)`` so that its floor stays fine enough for the
         corrections (raised with a note and a warning). An explicit ``random`` keeps ``flips`` and
         warns when the floor is too coarse.
     seed, quantile, device
@@ -166,11 +165,9 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
     alpha : float
         Level of the step-down passes and of the resolution check.
     budget_s : float, optional
-        Refuse (``inference.NullTooExpensive``) before any work when the estimate exceeds it;
-        default ``inference.NULL_BUDGET_S``.
+        Refuse (``resolution.NullTooExpensive``, also ``inference.NullTooExpensive``) before any work when the estimate exceeds it;
+        default ``resolution.NULL_BUDGET_S``.
     """
-    from . import inference
-
     d = np.asarray(d, dtype=np.float64)
     _check_finite(d)
     if fwer not in ("step-down", "single-step"):
@@ -181,8 +178,8 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
     notes: list[str] = []
     used = int(flips) if chosen == "random" else 0
     if chosen == "random":
-        need = inference.required_flips(u, alpha)
-        res = inference.null_resolution("random", n, u, used, alpha)
+        need = resolution.required_flips(u, alpha)
+        res = resolution.null_resolution("random", n, u, used, alpha)
         if not res["enough"] and method == "auto":
             notes.append(f"auto chose random flips (exact 2^{n - 1} x {u} units is over this device's budget) "
                          f"and raised null.flips from {used} to {need} so the smallest p ({1 / need:.2g}) "
@@ -190,21 +187,21 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
             used = need
         elif not res["enough"]:
             notes.append(res["message"])
-    resolution = inference.null_resolution(chosen, n, u, used, alpha)
-    if chosen == "exact" and not resolution["enough"]:
-        notes.append(resolution["message"])
+    floor = resolution.null_resolution(chosen, n, u, used, alpha)
+    if chosen == "exact" and not floor["enough"]:
+        notes.append(floor["message"])
     for note in notes:
         warnings.warn("sign-flip null: " + note, RuntimeWarning, stacklevel=2)
     kind = device.type if ops.has_kernel("signflip_null", device) else "reference"
-    secs = inference.check_null_budget(chosen, n, u, used, kind, alpha,
-                                       inference.NULL_BUDGET_S if budget_s is None else budget_s, len(thresholds))
+    secs = resolution.check_null_budget(chosen, n, u, used, kind, alpha,
+                                       resolution.NULL_BUDGET_S if budget_s is None else budget_s, len(thresholds))
     dt = torch.as_tensor(d, dtype=torch.float64, device=device)
     result = signflip_ops.signflip_null(dt, list(thresholds), mode=chosen, n_flips=used, seed=seed)
     if fwer == "step-down":
         result = signflip_ops.step_down(dt, result, alpha, seed=seed)
     return NullSummary(result=result, method=chosen, exact=chosen == "exact", thresholds=list(thresholds),
                        quantile=quantile, fwer=fwer, alpha=alpha, flips=result.n_flips, min_p=result.min_p,
-                       resolution=resolution, estimated_seconds=secs, notes=notes)
+                       resolution=floor, estimated_seconds=secs, notes=notes)
 
 
 def _drop_identity(hist: np.ndarray, index: int) -> np.ndarray:

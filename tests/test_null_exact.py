@@ -224,3 +224,14 @@ def test_true_discovery_bound_holds_its_level():
         bounds.append(b)
     assert misses / runs <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / runs)
     assert np.mean(bounds) > 1  # and it says something
+
+
+def test_step_down_family_wise_error_is_nominal_on_null_data():
+    """No effect anywhere: P(step-down rejects any unit at 0.05) <= 0.05 within Monte Carlo error."""
+    rng = np.random.default_rng(42)
+    runs, hits = 400, 0
+    for _ in range(runs):
+        d = torch.from_numpy(rng.standard_normal((8, 40)))
+        sd = step_down(d, signflip_null(d, [], "exact"), 0.05)
+        hits += bool((sd.p_step_down <= 0.05).any())
+    assert hits / runs <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / runs), hits / runs

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from otherview import ops
 from otherview.ops.fixedpoint import prepare
 from otherview.ops.signflip import exact_signs, random_signs, signflip_null, signflip_null_ref, step_down
 from test_signflip import _abs_t, assert_matches, brute_force
@@ -235,3 +236,24 @@ def test_step_down_family_wise_error_is_nominal_on_null_data():
         sd = step_down(d, signflip_null(d, [], "exact"), 0.05)
         hits += bool((sd.p_step_down <= 0.05).any())
     assert hits / runs <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / runs), hits / runs
+
+
+HAS_CUDA = torch.cuda.is_available() and ops.compiled_available() and ops.has_kernel("signflip_null", "cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the compiled CUDA op")
+@pytest.mark.parametrize("kind", ["integer", "rounded2", "tied"])
+@pytest.mark.parametrize("mode,n", [("exact", 5), ("exact", 12), ("exact", 21), ("random", 30)])
+def test_cuda_equals_cpu_on_tied_data_and_step_down(kind, mode, n):
+    rng = np.random.default_rng(n)
+    d = torch.from_numpy(_data(kind, n, 1500, rng))
+    d[:, 100:140] += 2.0
+    kw = dict(n_flips=20000 if mode == "random" else 0, seed=5, n_max_bins=999)
+    cpu = signflip_null(d, THRESHOLDS, mode, **kw)
+    gpu = signflip_null(d.cuda(), THRESHOLDS, mode, **kw)
+    for name in ("count_hist", "exceed", "fwer_exceed", "fwer_exceed_lo", "max_hist"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name)), name
+    sd_cpu = step_down(d, cpu, 0.05, seed=5)
+    sd_gpu = step_down(d.cuda(), gpu, 0.05, seed=5)
+    assert torch.equal(sd_cpu.step_down_exceed, sd_gpu.step_down_exceed)
+    assert sd_cpu.step_down_passes == sd_gpu.step_down_passes

@@ -120,6 +120,11 @@ class AxisNull:
     exact: bool
     seed: int
 
+    @property
+    def min_p(self) -> float:
+        """The smallest p this permutation null can give, 1 / n_permutations (the identity alone)."""
+        return 1.0 / self.n_permutations
+
 
 def _permutations(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
     """Return permutations of range(n), identity first: all n! when n! <= n_perm, else seeded random."""

@@ -128,12 +128,19 @@ def check_null_budget(mode: str, n_pairs: int, n_units: int, n_flips: int, devic
     if secs <= budget_s:
         return secs
     flips = required_flips(n_units, alpha)
+    where = f"{n_pairs} pairs x {n_units} units, " + (f"2^{n_pairs - 1} flips" if mode == "exact" else f"{n_flips} flips")
+    head = (f"null.method = \"{mode}\": {where} is estimated at {_duration(secs)} on {device_type} "
+            f"(budget {_duration(budget_s)}); ")
     alt = estimate_null_seconds("random", n_pairs, n_units, flips, device_type, n_thresholds)
-    what = f"2^{n_pairs - 1} flips" if mode == "exact" else f"{n_flips} flips"
-    raise NullTooExpensive(
-        f"null.method = \"{mode}\": {what} x {n_units} units is estimated at {_duration(secs)} on {device_type} "
-        f"(budget {_duration(budget_s)}); use null.method = \"random\" with null.flips = {flips} "
-        f"(~{_duration(alt)}, smallest p {1 / flips:.2g})" + ("" if device_type == "cuda" else ", or run on a GPU"))
+    if mode == "exact" and alt <= budget_s:
+        way = f"use null.method = \"random\" with null.flips = {flips} (~{_duration(alt)}, smallest p {1 / flips:.2g})"
+    else:
+        way = (f"{flips} random flips (the fewest whose smallest p reaches alpha / units) would take "
+               f"~{_duration(alt)} here")
+    if device_type != "cuda":
+        way += "; or run on a GPU" + (" or build the compiled op (pip install --no-build-isolation -e .)"
+                                   if device_type == "reference" else "")
+    raise NullTooExpensive(head + way)
 
 
 def _duration(s: float) -> str:

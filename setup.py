@@ -80,6 +80,8 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "pillow>=10",
+        "scipy>=1.11",
+        "pandas>=2.0",
     ],
     extras_require={"test": ["pytest>=8", "scipy>=1.11", "ninja", "pybind11"]},
     entry_points={"console_scripts": ["otherview=otherview.cli:main"]},

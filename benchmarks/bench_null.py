@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from otherview.ops.signflip import random_signs, signflip_null, signflip_null_ref  # noqa: E402
+from otherview.ops.fixedpoint import prepare  # noqa: E402
+from otherview.ops.signflip import random_signs, signflip_null, signflip_null_ref, step_down  # noqa: E402
 
 U = 16320
 THRESHOLDS = [3.0, 4.0]
@@ -78,6 +79,19 @@ def torch_gemm_null(d: torch.Tensor, signs: torch.Tensor, thresholds, chunk: int
     return hist, torch.cat(maxima), exceed
 
 
+def _step_down_rows(d: torch.Tensor, device: torch.device, record) -> None:
+    """Time step-down's extra passes (exact, 20% of units carrying effects of graded size)."""
+    n, u = d.shape
+    d = d.clone()
+    d[:, : u // 5] += torch.linspace(0.3, 1.5, u // 5)
+    single = signflip_null(d, THRESHOLDS, "exact")
+    times = _time(lambda: step_down(d, single, 0.05), 1, device)
+    sd = step_down(d, single, 0.05)
+    print(f"  step-down: {sd.step_down_passes} passes, FWER rejections {(single.p_fwer <= 0.05).sum()} "
+          f"single-step -> {(sd.p_step_down <= 0.05).sum()} step-down", flush=True)
+    record(n, u, "exact", 2 ** (n - 1), f"step_down_{sd.step_down_passes}passes", times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="exact N=20 (and N=30, U=10) on the CPU")
@@ -98,8 +112,8 @@ def main() -> None:
         med = statistics.median(times)
         row = dict(meta, N=n, U=u, mode=mode, flips=flips, provider=provider, median_s=med,
                    spread=[min(times), max(times)], reps=len(times),
-                   unit_flips_per_s=flips * u / med)
-        if floor_rate:
+                   unit_flips_per_s=flips * u / med if med > 0 else 0.0)
+        if floor_rate and flips:
             row["floor_s"] = flips * u / floor_rate
             row["vs_floor"] = med / row["floor_s"]
         for f in sinks:
@@ -117,6 +131,8 @@ def main() -> None:
         record(20, U, "random", 200, "ref", _time(lambda: signflip_null_ref(d, THRESHOLDS, "random", 200), 3, device))
         signs = random_signs(0, range(200), 20).float()
         record(20, U, "random", 200, "torch_gemm", _time(lambda: torch_gemm_null(d, signs, THRESHOLDS), 3, device))
+        record(20, U, "prepare", 0, "host_prep", _time(lambda: prepare(d, THRESHOLDS), 3, device))
+        _step_down_rows(torch.randn(20, U, generator=g), device, record)
     else:
         warm = torch.randn(12, 2000, device=device)
         signflip_null(warm, THRESHOLDS, "exact")
@@ -133,11 +149,15 @@ def main() -> None:
                 record(n, U, "random", 1_000_000, "ref",
                        _time(lambda: signflip_null_ref(d, THRESHOLDS, "random", 1_000_000), 1, device))
             op = torch.ops.otherview.signflip_null
+            record(n, U, "prepare", 0, "host_prep", _time(lambda: prepare(d, THRESHOLDS), 3, device))
             for k_list, tag in ((THRESHOLDS, "ours"), (THRESHOLDS[:1], "ours_K1")):
+                pr = prepare(d, k_list)
+                ints = [x.to(device) for x in (pr.q, pr.thr, pr.a_obs, pr.kinv)]
                 record(n, U, "random", 1_000_000, tag,
-                       _time(lambda: op(d, k_list, "random", 1_000_000, 3, 4096), args.reps * 2, device))
+                       _time(lambda: op(*ints, "random", 1_000_000, 3, 4096), args.reps * 2, device))
                 reps = 2 if n == 30 else args.reps * 2
-                record(n, U, "exact", 2 ** (n - 1), tag, _time(lambda: op(d, k_list, "exact", 0, 0, 4096), reps, device))
+                record(n, U, "exact", 2 ** (n - 1), tag, _time(lambda: op(*ints, "exact", 0, 0, 4096), reps, device))
+            _step_down_rows(d, device, record)
 
     for f in sinks:
         f.close()

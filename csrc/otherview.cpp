@@ -18,8 +18,9 @@ TORCH_LIBRARY(otherview, m) {
   // x: [B, T, C] (bf16/fp16/fp32, any strides with unit channel stride); segments: flat
   // [start0, end0, start1, end1, ...] token ranges; out: fp32 [B, S, C / unit_width], unit stride 1.
   m.def("unit_sumsq_(Tensor x, int unit_width, int[] segments, Tensor(a!) out) -> ()");
-  // Sign-flip null of the paired t over d: [N, U] (fp32/fp64). mode "exact" walks all 2^(N-1) flips
-  // (first sign held), "random" draws n_flips seeded flips (flip 0 is the identity). Returns
-  // (count_hist [K, U+1], exceed [U], fwer_exceed [U], max_hist [n_max_bins]), all int64.
-  m.def("signflip_null(Tensor d, float[] thresholds, str mode, int n_flips, int seed, int n_max_bins) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Sign-flip null of the paired t from integers prepared on the host (otherview/ops/fixedpoint.py):
+  // q int32 [N, U], thr int32 [K, U], a_obs int32 [U], kinv int64 [U]. mode "exact" walks all
+  // 2^(N-1) flips (first sign held), "random" draws n_flips seeded flips (flip 0 is the identity).
+  // Returns (count_hist [K, U+1], exceed [U], fwer_hi [U], fwer_lo [U], max_hist [n_max_bins]), int64.
+  m.def("signflip_null(Tensor q, Tensor thr, Tensor a_obs, Tensor kinv, str mode, int n_flips, int seed, int n_max_bins) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,11 +1,13 @@
-"""Per-unit inference beyond the t: effect sizes with intervals, FDR q-values, the graded axis, summaries.
+"""Per-unit inference beyond the t: effect sizes with intervals, FDR q-values, the graded axis, summaries,
+and what a null can resolve and costs.
 
-``stats`` gives each unit's paired t and the sign-flip null (uncorrected and max-|t| family-wise
-p-values). This module adds, per unit, Cohen's d_z with a 95% interval, the Benjamini-Hochberg q of
-the sign-flip p-value, and the rank correlation of the unit's differences with the fillers' position
-on the axis, tested against its own permutation null; and, per site, stream and kind, the fraction of
-units over each |t| threshold and significant after correction. Everything is numpy (no scipy at run
-time; scipy checks these functions in the tests).
+``stats`` gives each unit's paired t and the sign-flip null (uncorrected, single-step and step-down
+max-|t| family-wise p-values). This module adds, per unit, Cohen's d_z and Hedges' g_z with the exact
+noncentral-t interval (scipy), the Benjamini-Hochberg q of the sign-flip p-value, and the rank
+correlation of the unit's differences with the fillers' position on the axis, tested against its own
+permutation null; per site, stream and kind, the units over each |t| threshold and significant after
+correction; and, for the plan, the smallest p a null can give (:func:`null_resolution`) and its
+estimated time (:func:`estimate_null_seconds`, :func:`check_null_budget`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 import torch
 
 from . import stats
+from .effects import CI_LEVEL, cohens_dz, dz_interval, hedges_gz, hedges_j  # noqa: F401  (public here too)
 from .plan import Plan
+from .resolution import (  # noqa: F401  (public here too: the plan and the CLI call them as inference.*)
+    ALPHA,
+    NULL_BUDGET_S,
+    NullTooExpensive,
+    check_null_budget,
+    estimate_null_seconds,
+    min_p,
+    null_resolution,
+    required_flips,
+)
 
-ALPHA = 0.05
 AXIS_PERMUTATIONS = 10_000  # random permutations of the axis null when N! is larger than this
-CI_LEVEL = 0.95
 # Permuted statistics equal to the observed one up to rounding count as "at least as extreme": a
 # GEMM over a permuted covariate may differ from the identity's product in the last bits.
 _TIE_TOL = 1e-10
@@ -61,34 +71,6 @@ def bh_fdr(p: np.ndarray) -> np.ndarray:
     q = np.empty(m)
     q[order] = q_sorted
     return q
-
-
-def dz_interval(d_z: np.ndarray, n: int, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Return the normal-approximation interval of the paired Cohen's d_z.
-
-    SE(d_z) = sqrt(1/N + d_z^2 / (2N)) (the large-sample variance of a standardised mean,
-    Hedges & Olkin 1985, ch. 5; for d_z: Goulet-Pelletier & Cousineau 2018); the interval is
-    d_z +- z_{(1+level)/2} SE. Close to the exact noncentral-t interval for N >= 20 and |d_z| <= 2;
-    narrower than it for small N or large effects.
-
-    Parameters
-    ----------
-    d_z : ndarray, shape (n_units,)
-    n : int
-        Number of pairs N (>= 2).
-    level : float
-        Coverage, in (0, 1).
-
-    Returns
-    -------
-    low, high : ndarray, shape (n_units,)
-    """
-    d_z = np.asarray(d_z, dtype=np.float64)
-    if n < 2:
-        return np.full(d_z.shape, -np.inf), np.full(d_z.shape, np.inf)
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    se = np.sqrt(1.0 / n + d_z**2 / (2.0 * n))
-    return d_z - z * se, d_z + z * se
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -137,6 +119,11 @@ class AxisNull:
     n_permutations: int
     exact: bool
     seed: int
+
+    @property
+    def min_p(self) -> float:
+        """The smallest p this permutation null can give, 1 / n_permutations (the identity alone)."""
+        return 1.0 / self.n_permutations
 
 
 def _permutations(n: int, n_perm: int, seed: int) -> tuple[np.ndarray, bool]:
@@ -214,34 +201,58 @@ def axis_correlation(d: np.ndarray, covariate: np.ndarray, n_perm: int = AXIS_PE
 
 @dataclass
 class UnitInference:
-    """Every per-unit statistic beyond t, for the unit table, the summary and the figures."""
+    """Every per-unit statistic beyond t, for the unit table, the summary and the figures.
+
+    ``d_z_low`` / ``d_z_high`` now hold the exact noncentral-t interval (the same as ``g_z_low`` /
+    ``g_z_high``: one interval for the population delta_z, which d_z and g_z both estimate).
+    ``p_step_down`` is None where the null was run single-step only.
+    """
 
     d_z: np.ndarray  # (n_units,)
-    d_z_low: np.ndarray  # (n_units,)
+    d_z_low: np.ndarray  # (n_units,) exact noncentral-t interval (was: normal approximation)
     d_z_high: np.ndarray  # (n_units,)
     p_uncorrected: np.ndarray  # (n_units,) sign-flip
-    p_fwer: np.ndarray  # (n_units,) max-|t| sign-flip
+    p_fwer: np.ndarray  # (n_units,) single-step max-|t| sign-flip (upper end of its bracket)
     q: np.ndarray  # (n_units,) BH of p_uncorrected
     axis: AxisNull
     axis_q: np.ndarray  # (n_units,) BH of the axis p
+    g_z: np.ndarray | None = None  # (n_units,) Hedges' g_z = J(N-1) d_z
+    g_z_low: np.ndarray | None = None  # (n_units,)
+    g_z_high: np.ndarray | None = None  # (n_units,)
+    p_step_down: np.ndarray | None = None  # (n_units,) step-down max-|t| sign-flip
+    p_fwer_error: np.ndarray | None = None  # (n_units,) width of the single-step p's bracket
+    ci_level: float = CI_LEVEL
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the arrays to store in the run directory (``inference.safetensors``)."""
-        return {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
-                "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
-                "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
+        out = {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
+               "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
+               "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
+        for name in ("g_z", "g_z_low", "g_z_high", "p_step_down", "p_fwer_error"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 def infer(d: np.ndarray, null: stats.NullSummary, covariate: np.ndarray, seed: int,
-          n_perm: int = AXIS_PERMUTATIONS, device: "torch.device | str" = "cpu") -> UnitInference:
-    """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null."""
+          n_perm: int = AXIS_PERMUTATIONS, device: "torch.device | str" = "cpu",
+          level: float = CI_LEVEL) -> UnitInference:
+    """Return the per-unit inference of differences ``d`` (shape (n_pairs, n_units)) given their null.
+
+    Effect sizes: :func:`cohens_dz` and :func:`hedges_gz` (exact interval at ``level``); p-values from
+    ``null`` (single-step, and step-down where ``null`` ran it); BH q of the uncorrected p; the axis.
+    """
     d = np.asarray(d, dtype=np.float64)
-    d_z = stats.effect_size(d)
-    low, high = dz_interval(d_z, d.shape[0])
-    p = np.asarray(null.result.p_uncorrected, dtype=np.float64)
-    p_fwer = np.asarray(null.result.p_fwer, dtype=np.float64)
+    d_z = cohens_dz(d)
+    g, low, high = hedges_gz(d, level)
+    res = null.result
+    p = np.asarray(res.p_uncorrected, dtype=np.float64)
+    p_fwer = np.asarray(res.p_fwer, dtype=np.float64)
+    p_sd = res.p_step_down
     axis = axis_correlation(d, covariate, n_perm=n_perm, seed=seed, device=device)
-    return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected))
+    return UnitInference(d_z, low, high, p, p_fwer, bh_fdr(p), axis, bh_fdr(axis.p_uncorrected), g, low.copy(),
+                         high.copy(), None if p_sd is None else np.asarray(p_sd, dtype=np.float64),
+                         res.p_fwer_error, level)
 
 
 def _group_row(name: str, idx: np.ndarray, t: np.ndarray, inf: UnitInference, thresholds: list[float],
@@ -252,6 +263,8 @@ def _group_row(name: str, idx: np.ndarray, t: np.ndarray, inf: UnitInference, th
     for c in thresholds:
         row[f"over_{c:g}"] = int((abs_t > c).sum())
     row["fwer"] = int((inf.p_fwer[idx] <= alpha).sum())
+    if inf.p_step_down is not None:
+        row["fwer_step_down"] = int((inf.p_step_down[idx] <= alpha).sum())
     row["fdr"] = int((inf.q[idx] <= alpha).sum())
     row["axis_fwer"] = int((inf.axis.p_fwer[idx] <= alpha).sum())
     row["axis_fdr"] = int((inf.axis_q[idx] <= alpha).sum())
@@ -269,7 +282,8 @@ def group_summaries(plan: Plan, t: np.ndarray, inf: UnitInference, alpha: float 
     """Return per-site, per-stream, per-kind and per stream-and-kind counts of responding units.
 
     Each row (``all`` holds one, over every unit): ``group, units, over_<c>`` (|t| > c, per threshold),
-    ``fwer`` (sign-flip max-|t| p <= alpha), ``fdr`` (BH q <= alpha), ``axis_fwer``, ``axis_fdr``,
+    ``fwer`` (single-step sign-flip max-|t| p <= alpha), ``fwer_step_down`` (step-down p <= alpha; only
+    where the null ran step-down), ``fdr`` (BH q <= alpha), ``axis_fwer``, ``axis_fdr``,
     ``max_abs_t``, ``top_unit``; site rows add ``site, label, stream, block, kind, attention_units`` and
     ``over_<c>_attention`` (the attention-channel part of ``over_<c>``).
 

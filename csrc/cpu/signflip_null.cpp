@@ -1,18 +1,19 @@
-// signflip_null on the CPU, plus the preparation and finishing steps that every backend shares.
+// signflip_null on the CPU, plus the checks and the finishing step that every backend shares.
 //
 // The statistic: for a flip s in {+1,-1}^N the paired t of unit u depends on s only through
 // S_u = sum_i s_i q_iu, since Q_u = sum_i q_iu^2 is unchanged by sign flips:
-//   t^2 = S^2 (N-1) / (N Q - S^2),   |t| > c  <=>  |S| > c' sqrt(N Q),  c' = c / sqrt(N-1+c^2).
-// d is quantised once to int32 q (per-unit scale, max |q| = M = floor((2^31-1)/N), so |S| < 2^31),
-// and everything flip-dependent is then integer arithmetic:
-//   exceeds threshold k:  |S| > T_uk = floor(c'_k sqrt(N Q_u))            (int32 compare)
-//   exceed (p-value):     |S| >= |S_obs,u|                                 (int32 compare)
-//   r = |S| / sqrt(N Q):  r_fix = (|S| * K_u) >> 32, K_u = floor(2^56 / sqrt(N Q_u)),
-//                         r_fix = floor-ish(r * 2^24) in [0, 2^24]        (one 32x32->64 multiply)
-// The integers T, K, |S_obs| and r_obs come from signflip_prep (ATen float64 operations, which are
-// correctly rounded on every backend), so the CPU and CUDA kernels see identical integers and
-// return bitwise identical results. r is fixed point rather than float32 because on Hopper an
-// int-to-float conversion issues at 1/8 of the integer rate and would dominate the exact kernel.
+//   t^2 = S^2 (N-1) / (N Q - S^2),   |t| > c  <=>  S^2 (N-1+c^2) > c^2 N Q.
+// The op takes integers prepared once on the host (otherview/ops/fixedpoint.py: a power-of-two or
+// decimal-grid fixed point of d with sum_i |q_iu| < 2^30, so S, every partial sum and 2q fit int32):
+//   exceeds threshold k:  |S| > thr[k, u]                                  (int32 compare, exact)
+//   exceed (p-value):     |S| >= a_obs[u]                                  (int32 compare, exact)
+//   r = |S| / sqrt(N Q):  r_fix = (|S| * K_u) >> 32, K_u = floor(2^60 / sqrt(N Q_u)) < 2^32,
+//                         r * 2^28 in [r_fix, r_fix + 1.25)                (one 32x32->64 multiply)
+// The family-wise counts come as a bracket around the exact count: hi counts flips whose max r_fix
+// is >= r_fix_obs - 1 (possibly reaches the unit's observed r), lo those >= r_fix_obs + 2
+// (certainly). Every backend sees the same integers and returns bitwise identical counts. r is fixed
+// point rather than float because on Hopper an int-to-float conversion issues at 1/8 of the integer
+// rate and would dominate the exact kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,26 +29,35 @@
 namespace otherview {
 
 namespace {
-constexpr int64_t kMaxPairs = 4096;       // keeps K_u < 2^32 and the quantisation step small
+constexpr int64_t kMaxPairs = 4096;       // keeps K_u < 2^32 (fixedpoint.py)
 constexpr int64_t kMaxExactPairs = 40;    // 2^39 flips: ~5 h on an H100 at 16k units
 constexpr int64_t kMaxBins = int64_t(1) << 20;
-constexpr int kRBits = 24;                // r_fix = r * 2^24
+constexpr int kRBits = 28;                // r_fix = r * 2^28
 }  // namespace
 
 // Argument checks of signflip_null, run first by every backend; otherview/ops/signflip.py repeats
-// them word for word in its fake kernel and reference.
-void check_signflip_args(const at::Tensor& d, at::ArrayRef<double> thresholds,
-                         c10::string_view mode, int64_t n_flips, int64_t n_max_bins) {
-  OV_CHECK_ARG(d.dim() == 2, "signflip_null", "d must be 2-d [n_pairs, n_units], got shape ",
-               shape_str(d.sizes()));
-  OV_CHECK_ARG_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
-                    "signflip_null", "d must be torch.float32 or torch.float64, got ",
-                    dtype_name(d.scalar_type()));
-  const int64_t n = d.size(0);
-  OV_CHECK_ARG(n >= 1 && n <= kMaxPairs, "signflip_null", "d must have 1 to ", int_str(kMaxPairs),
-               " pairs (rows), got ", int_str(n));
-  OV_CHECK_ARG(d.size(1) >= 1, "signflip_null", "d must have at least one unit (column), got ",
-               int_str(d.size(1)));
+// them word for word in its fake kernel and wrapper.
+void check_signflip_args(const at::Tensor& q, const at::Tensor& thr, const at::Tensor& a_obs,
+                         const at::Tensor& kinv, c10::string_view mode, int64_t n_flips,
+                         int64_t n_max_bins) {
+  OV_CHECK_ARG(q.dim() == 2 && q.scalar_type() == at::kInt, "signflip_null",
+               "q must be 2-d int32 [n_pairs, n_units], got ", dtype_name(q.scalar_type()), " ",
+               shape_str(q.sizes()));
+  const int64_t n = q.size(0), u = q.size(1);
+  OV_CHECK_ARG(n >= 1 && n <= kMaxPairs && u >= 1, "signflip_null", "q must have 1 to ",
+               int_str(kMaxPairs), " pairs and at least one unit, got ", shape_str(q.sizes()));
+  OV_CHECK_ARG(thr.dim() == 2 && thr.scalar_type() == at::kInt && thr.size(1) == u, "signflip_null",
+               "thr must be int32 [n_thresholds, ", int_str(u), "], got ",
+               dtype_name(thr.scalar_type()), " ", shape_str(thr.sizes()));
+  OV_CHECK_ARG(a_obs.dim() == 1 && a_obs.scalar_type() == at::kInt && a_obs.size(0) == u,
+               "signflip_null", "a_obs must be int32 [", int_str(u), "], got ",
+               dtype_name(a_obs.scalar_type()), " ", shape_str(a_obs.sizes()));
+  OV_CHECK_ARG(kinv.dim() == 1 && kinv.scalar_type() == at::kLong && kinv.size(0) == u,
+               "signflip_null", "kinv must be int64 [", int_str(u), "], got ",
+               dtype_name(kinv.scalar_type()), " ", shape_str(kinv.sizes()));
+  OV_CHECK_ARG(q.device() == thr.device() && q.device() == a_obs.device() &&
+                   q.device() == kinv.device(),
+               "signflip_null", "q, thr, a_obs and kinv must be on one device");
   OV_CHECK_ARG(mode == "exact" || mode == "random", "signflip_null",
                "mode must be \"exact\" or \"random\", got \"", std::string(mode), "\"");
   if (mode == "exact") {
@@ -57,59 +67,19 @@ void check_signflip_args(const at::Tensor& d, at::ArrayRef<double> thresholds,
     OV_CHECK_ARG(n_flips >= 1, "signflip_null",
                  "random mode needs n_flips >= 1 (flip 0 is the identity), got ", int_str(n_flips));
   }
-  for (size_t k = 0; k < thresholds.size(); ++k) {
-    OV_CHECK_ARG(std::isfinite(thresholds[k]) && thresholds[k] >= 0, "signflip_null",
-                 "thresholds must be finite and >= 0, got thresholds[", int_str(static_cast<int64_t>(k)), "] = ", num_str(thresholds[k]));
-  }
   OV_CHECK_ARG(n_max_bins >= 1 && n_max_bins <= kMaxBins, "signflip_null",
                "n_max_bins must be in [1, ", int_str(kMaxBins), "], got ", int_str(n_max_bins));
 }
 
-// Quantises d and derives every per-unit integer the kernels compare against. Runs on d's device
-// with ATen float64 ops (IEEE correctly rounded on CPU and CUDA alike, and no host sync), so both
-// backends get the same integers. Returns {q int32 [N, U], T int32 [K, U], a_obs int32 [U],
-// kinv int64 [U] (values < 2^32), r_obs int64 [U] (r_fix of the observed labelling)}.
-std::vector<at::Tensor> signflip_prep(const at::Tensor& d, at::ArrayRef<double> thresholds) {
-  const int64_t n = d.size(0);
-  const int64_t k_count = static_cast<int64_t>(thresholds.size());
-  const int64_t big = (int64_t(1) << 31) - 1;
-  // max |q| = M: N * M < 2^31 so S fits int32; N = 1 takes the M of N = 2 so that 2q fits too.
-  const double m = static_cast<double>(big / std::max<int64_t>(n, 2));
-  const at::Tensor d64 = d.to(at::kDouble);
-  const at::Tensor amax = d64.abs().amax(0);
-  // full_like(...).div: one correctly rounded division, as the Python reference does it.
-  const at::Tensor scale = at::where(amax > 0, at::full_like(amax, m).div(amax), at::zeros_like(amax));
-  const at::Tensor q64 = (d64 * scale).round().clamp(-m, m).to(at::kLong);
-  const at::Tensor q = q64.to(at::kInt).contiguous();
-  const at::Tensor qq = (q64 * q64).sum(0);               // Q_u < N M^2 < 2^62
-  const at::Tensor a_obs = q64.sum(0).abs();              // |S_obs| < 2^31
-  const at::Tensor sq = (qq * n).to(at::kDouble).sqrt();  // sqrt(N Q_u)
-  std::vector<double> cp(thresholds.size());
-  for (size_t k = 0; k < thresholds.size(); ++k) {
-    const double c = thresholds[k];
-    cp[k] = c / std::sqrt(static_cast<double>(n - 1) + c * c);
-  }
-  at::Tensor t_int;
-  at::Tensor kinv;
-  if (n < 2) {
-    // One pair: t is defined as 0, so nothing exceeds a threshold and r is 0 for every flip.
-    t_int = at::full({k_count, d.size(1)}, big, d.options().dtype(at::kInt));
-    kinv = at::zeros({d.size(1)}, d.options().dtype(at::kLong));
-  } else {
-    const at::Tensor cpt = at::tensor(cp, at::TensorOptions().dtype(at::kDouble)).to(d.device());
-    t_int = (cpt.unsqueeze(1) * sq.unsqueeze(0)).floor().to(at::kInt).contiguous();
-    // Q = 0 (all-zero unit): t = 0, r = 0; K_u = 0 makes every r_fix 0.
-    const double two56 = std::ldexp(1.0, 56);
-    const at::Tensor inv = at::full_like(sq, two56).div(sq).floor().clamp_max(4294967295.0);
-    kinv = at::where(sq > 0, inv, at::zeros_like(sq)).to(at::kLong);
-  }
-  const at::Tensor r_obs = (a_obs * kinv).div(int64_t(1) << 32, "floor");
-  return {q, t_int, a_obs.to(at::kInt).contiguous(), kinv.contiguous(), r_obs.contiguous()};
+// r_obs[u] = (a_obs[u] * kinv[u]) >> 32 (int64, on the inputs' device).
+at::Tensor signflip_r_obs(const at::Tensor& a_obs, const at::Tensor& kinv) {
+  return (a_obs.to(at::kLong) * kinv).div(int64_t(1) << 32, "floor");
 }
 
-// fwer_exceed[u] = number of flips whose max r_fix >= r_obs[u], from fwer_bins[b] = number of
-// flips with exactly b observed values <= their max (b in [0, U]). A flip's max is >= r_obs[u]
-// iff more than lower_bound(r_obs[u]) sorted observed values are <= it.
+// fwer[u] = number of flips whose max r_fix m has m + shift >= r_obs[u], from bins[b] = number of
+// flips with exactly b observed values <= m + shift (b in [0, U]). A flip counts iff more than
+// lower_bound(r_obs[u]) sorted observed values are <= m + shift. The kernels bin with shift = +1
+// (hi: m >= r_obs - 1) and shift = -2 (lo: m >= r_obs + 2).
 at::Tensor signflip_fwer_from_bins(const at::Tensor& fwer_bins, const at::Tensor& r_obs) {
   const at::Tensor sorted = std::get<0>(r_obs.sort());
   const at::Tensor lb = at::searchsorted(sorted, r_obs, /*out_int32=*/false, /*right=*/false);
@@ -139,9 +109,10 @@ struct Prep {
 };
 
 struct Partial {  // one task's counts; integer sums, so merge order cannot change the result
-  std::vector<int64_t> count_hist, exceed, fwer_bins, max_hist;
+  std::vector<int64_t> count_hist, exceed, bins_hi, bins_lo, max_hist;
   explicit Partial(const Prep& p)
-      : count_hist(p.k * (p.u + 1), 0), exceed(p.u, 0), fwer_bins(p.u + 1, 0), max_hist(p.nb, 0) {}
+      : count_hist(p.k * (p.u + 1), 0), exceed(p.u, 0), bins_hi(p.u + 1, 0), bins_lo(p.u + 1, 0),
+        max_hist(p.nb, 0) {}
 };
 
 // Scratch for one chunk: per-flip counts and maxima, and the state of one unit tile.
@@ -252,30 +223,34 @@ void flush_chunk(const Prep& p, const Chunk& c, Partial& part, int64_t n_chunk) 
     for (int64_t k = 0; k < p.k; ++k) part.count_hist[k * (p.u + 1) + c.cnt[f * p.k + k]] += 1;
     const int64_t r = c.mx[f];
     part.max_hist[std::min((r * p.nb) >> kRBits, p.nb - 1)] += 1;
-    const auto ub = std::upper_bound(p.r_sorted.begin(), p.r_sorted.end(), r) - p.r_sorted.begin();
-    part.fwer_bins[ub] += 1;
+    const auto& rs = p.r_sorted;
+    part.bins_hi[std::upper_bound(rs.begin(), rs.end(), r + 1) - rs.begin()] += 1;
+    part.bins_lo[std::upper_bound(rs.begin(), rs.end(), r - 2) - rs.begin()] += 1;
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
-    const at::Tensor& d, at::ArrayRef<double> thresholds, c10::string_view mode, int64_t n_flips,
-    int64_t seed, int64_t n_max_bins) {
-  check_signflip_args(d, thresholds, mode, n_flips, n_max_bins);
-  TORCH_CHECK(d.device().is_cpu(), "signflip_null_cpu: d must be a CPU tensor");
-  const auto prep = signflip_prep(d, thresholds);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
+    const at::Tensor& q_in, const at::Tensor& thr_in, const at::Tensor& a_obs_in,
+    const at::Tensor& kinv_in, c10::string_view mode, int64_t n_flips, int64_t seed,
+    int64_t n_max_bins) {
+  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins);
+  TORCH_CHECK(q_in.device().is_cpu(), "signflip_null_cpu: q must be a CPU tensor");
+  const at::Tensor q = q_in.contiguous(), thr = thr_in.contiguous();
+  const at::Tensor a_obs = a_obs_in.contiguous(), kinv = kinv_in.contiguous();
+  const at::Tensor r_obs = signflip_r_obs(a_obs, kinv);
   Prep p;
-  p.n = d.size(0);
-  p.u = d.size(1);
-  p.k = static_cast<int64_t>(thresholds.size());
+  p.n = q.size(0);
+  p.u = q.size(1);
+  p.k = thr.size(0);
   p.nb = n_max_bins;
-  p.q = prep[0].data_ptr<int32_t>();
-  p.t = prep[1].data_ptr<int32_t>();
-  p.a_obs = prep[2].data_ptr<int32_t>();
-  const int64_t* kv = prep[3].data_ptr<int64_t>();
+  p.q = q.data_ptr<int32_t>();
+  p.t = thr.data_ptr<int32_t>();
+  p.a_obs = a_obs.data_ptr<int32_t>();
+  const int64_t* kv = kinv.data_ptr<int64_t>();
   p.kinv.assign(kv, kv + p.u);
-  const int64_t* ro = prep[4].data_ptr<int64_t>();
+  const int64_t* ro = r_obs.data_ptr<int64_t>();
   p.r_sorted.assign(ro, ro + p.u);
   std::sort(p.r_sorted.begin(), p.r_sorted.end());
   std::vector<int32_t> s_obs(p.u, 0);
@@ -319,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
   const auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor count_hist = at::zeros({p.k, p.u + 1}, opts);
   at::Tensor exceed = at::zeros({p.u}, opts);
-  at::Tensor fwer_bins = at::zeros({p.u + 1}, opts);
+  at::Tensor bins_hi = at::zeros({p.u + 1}, opts);
+  at::Tensor bins_lo = at::zeros({p.u + 1}, opts);
   at::Tensor max_hist = at::zeros({p.nb}, opts);
   auto add = [](at::Tensor& dst, const std::vector<int64_t>& src) {
     int64_t* o = dst.data_ptr<int64_t>();
@@ -328,11 +304,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
   for (const auto& part : parts) {  // fixed order (integer sums are exact in any order anyway)
     add(count_hist, part.count_hist);
     add(exceed, part.exceed);
-    add(fwer_bins, part.fwer_bins);
+    add(bins_hi, part.bins_hi);
+    add(bins_lo, part.bins_lo);
     add(max_hist, part.max_hist);
   }
-  at::Tensor fwer_exceed = signflip_fwer_from_bins(fwer_bins, prep[4]);
-  return {count_hist, exceed, fwer_exceed, max_hist};
+  return {count_hist, exceed, signflip_fwer_from_bins(bins_hi, r_obs),
+          signflip_fwer_from_bins(bins_lo, r_obs), max_hist};
 }
 
 }  // namespace otherview

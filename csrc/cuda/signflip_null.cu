@@ -1,13 +1,13 @@
-// signflip_null on CUDA. The integers every kernel compares come from signflip_prep (defined with
-// the CPU kernel in csrc/cpu/signflip_null.cpp, ATen float64 ops), so this file and the CPU one
-// return bitwise identical counts; see that file's header for the integer formulation.
+// signflip_null on CUDA. The integers every kernel compares are the op's inputs, prepared once on
+// the host (otherview/ops/fixedpoint.py), so this file and the CPU one return bitwise identical
+// counts; see csrc/cpu/signflip_null.cpp's header for the integer formulation.
 //
 // Two kernels share one per-flip reduction scheme. A block owns a chunk of F flips and loops over
 // tiles of units; per flip it accumulates, in shared memory, the number of units above each
 // threshold (warp sums, 32 flips' sums collected into one lane each, then one shared atomicAdd per
 // lane) and the max of r_fix (warp max, then shared atomicMax). Integer atomics commute, so the
 // result does not depend on scheduling. Once every tile is done the block histograms its F flips
-// into global count_hist / max_hist / fwer_bins with warp-aggregated atomics.
+// into global count_hist / max_hist / bins_hi / bins_lo with warp-aggregated atomics.
 //  - exact_tree_kernel (exact mode, N >= 6): pairs 1..3 are enumerated in registers (8 flips from
 //    one base sum: base +- c_p, c_p = q1 +- q2 +- q3), pairs 4..N-1 are walked in Gray-code order
 //    (one add per unit per 8 flips). Each thread owns 4 units: ~1 add per unit-flip for S.
@@ -31,14 +31,15 @@
 namespace otherview {
 
 // Shared with the CPU backend (csrc/cpu/signflip_null.cpp).
-void check_signflip_args(const at::Tensor& d, at::ArrayRef<double> thresholds,
-                         c10::string_view mode, int64_t n_flips, int64_t n_max_bins);
-std::vector<at::Tensor> signflip_prep(const at::Tensor& d, at::ArrayRef<double> thresholds);
+void check_signflip_args(const at::Tensor& q, const at::Tensor& thr, const at::Tensor& a_obs,
+                         const at::Tensor& kinv, c10::string_view mode, int64_t n_flips,
+                         int64_t n_max_bins);
+at::Tensor signflip_r_obs(const at::Tensor& a_obs, const at::Tensor& kinv);
 at::Tensor signflip_fwer_from_bins(const at::Tensor& fwer_bins, const at::Tensor& r_obs);
 
 namespace {
 
-constexpr int kRBits = 24;
+constexpr int kRBits = 28;                             // r_fix = r * 2^28
 constexpr int kTreeThreads = 256;
 constexpr int kTreeUnits = 4;                          // units per thread in the tree kernel
 constexpr int kTreeTile = kTreeThreads * kTreeUnits;   // units per tile; U is padded to this
@@ -66,10 +67,11 @@ __device__ __forceinline__ void warp_count(unsigned long long* base, int idx, bo
 struct Outputs {
   unsigned long long* count_hist;  // [K, U + 1]
   unsigned long long* exceed;      // [U]
-  unsigned long long* fwer_bins;   // [U + 1]
+  unsigned long long* bins_hi;     // [U + 1]: flips by #observed r_fix <= max + 1
+  unsigned long long* bins_lo;     // [U + 1]: flips by #observed r_fix <= max - 2
   unsigned long long* max_hist;    // [nb]
   int k_real;                      // thresholds of this launch (count_hist rows)
-  bool primary;                    // also writes exceed / fwer_bins / max_hist
+  bool primary;                    // also writes exceed / bins_hi / bins_lo / max_hist
 };
 
 struct Units {
@@ -95,12 +97,16 @@ __device__ void flush_flips(const Units& p, const Outputs& o, const int32_t* cnt
     const uint32_t r = valid ? mx[f] : 0u;
     const int bin = (int)min(((int64_t)r * p.nb) >> kRBits, (int64_t)p.nb - 1);
     warp_count(o.max_hist, bin, valid);
-    int lo = 0, hi = p.u;  // upper_bound: observed r values <= this flip's max
-    while (lo < hi) {
-      const int mid = (lo + hi) >> 1;
-      if (p.r_sorted[mid] <= (int32_t)r) lo = mid + 1; else hi = mid;
+    // upper_bound: observed r values <= this flip's max + 1 (hi) and max - 2 (lo), as the CPU op
+    for (int side = 0; side < 2; ++side) {
+      const int64_t key = side == 0 ? (int64_t)r + 1 : (int64_t)r - 2;
+      int lo = 0, hi = p.u;
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if ((int64_t)p.r_sorted[mid] <= key) lo = mid + 1; else hi = mid;
+      }
+      warp_count(side == 0 ? o.bins_hi : o.bins_lo, lo, valid);
     }
-    warp_count(o.fwer_bins, lo, valid);
   }
 }
 
@@ -367,31 +373,33 @@ void launch(const Units& p, const Outputs& o, bool exact, int64_t total, uint64_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
-    const at::Tensor& d, at::ArrayRef<double> thresholds, c10::string_view mode, int64_t n_flips,
-    int64_t seed, int64_t n_max_bins) {
-  check_signflip_args(d, thresholds, mode, n_flips, n_max_bins);
-  TORCH_CHECK(d.is_cuda(), "signflip_null_cuda: d must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(d.device());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
+    const at::Tensor& q_in, const at::Tensor& thr_in, const at::Tensor& a_obs_in,
+    const at::Tensor& kinv_in, c10::string_view mode, int64_t n_flips, int64_t seed,
+    int64_t n_max_bins) {
+  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins);
+  TORCH_CHECK(q_in.is_cuda(), "signflip_null_cuda: q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto prep = signflip_prep(d, thresholds);
-  const int64_t n = d.size(0), u = d.size(1), k_all = (int64_t)thresholds.size();
+  const int64_t n = q_in.size(0), u = q_in.size(1), k_all = thr_in.size(0);
   const int64_t upad = (u + kTreeTile - 1) / kTreeTile * kTreeTile;
-  const auto i32 = d.options().dtype(at::kInt);
-  const auto i64 = d.options().dtype(at::kLong);
+  const auto i32 = q_in.options().dtype(at::kInt);
+  const auto i64 = q_in.options().dtype(at::kLong);
+  const at::Tensor r_obs = signflip_r_obs(a_obs_in, kinv_in);
   // Padded copies: the kernels then need no bounds checks inside the flip loops.
   at::Tensor q = at::zeros({n, upad}, i32);
-  q.narrow(1, 0, u).copy_(prep[0]);
+  q.narrow(1, 0, u).copy_(q_in);
   at::Tensor a_obs = at::full({upad}, INT_MAX, i32);
-  a_obs.narrow(0, 0, u).copy_(prep[2]);
+  a_obs.narrow(0, 0, u).copy_(a_obs_in);
   // kinv < 2^32: the int64 -> int32 conversion keeps its low 32 bits, read back as uint32.
   at::Tensor kinv = at::zeros({upad}, i32);
-  kinv.narrow(0, 0, u).copy_(prep[3].to(at::kInt));
-  at::Tensor r_sorted = std::get<0>(prep[4].sort()).to(at::kInt).contiguous();
+  kinv.narrow(0, 0, u).copy_(kinv_in.to(at::kInt));
+  at::Tensor r_sorted = std::get<0>(r_obs.sort()).to(at::kInt).contiguous();  // r_fix <= 2^28
 
   at::Tensor count_hist = at::zeros({k_all, u + 1}, i64);
   at::Tensor exceed = at::zeros({u}, i64);
-  at::Tensor fwer_bins = at::zeros({u + 1}, i64);
+  at::Tensor bins_hi = at::zeros({u + 1}, i64);
+  at::Tensor bins_lo = at::zeros({u + 1}, i64);
   at::Tensor max_hist = at::zeros({n_max_bins}, i64);
   const bool exact = mode == "exact";
   const int64_t total = exact ? (int64_t(1) << (n - 1)) : n_flips;
@@ -402,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
     return z ^ (z >> 31);
   }();
   int n_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, d.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, q_in.get_device()));
 
   // Up to 4 thresholds per launch (more would spill the tree kernel's per-leaf counters); later
   // launches only add their count_hist rows.
@@ -410,13 +418,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
     const int64_t kg = std::min<int64_t>(4, k_all - k0);
     const int km = kg <= 1 ? 1 : kg <= 2 ? 2 : 4;
     at::Tensor thr = at::full({km, upad}, INT_MAX, i32);
-    if (kg > 0) thr.narrow(0, 0, kg).narrow(1, 0, u).copy_(prep[1].narrow(0, k0, kg));
+    if (kg > 0) thr.narrow(0, 0, kg).narrow(1, 0, u).copy_(thr_in.narrow(0, k0, kg));
     Units p{q.data_ptr<int32_t>(), thr.data_ptr<int32_t>(), a_obs.data_ptr<int32_t>(),
             reinterpret_cast<const uint32_t*>(kinv.data_ptr<int32_t>()),
             r_sorted.data_ptr<int32_t>(), (int)n, (int)u, (int)upad, (int)n_max_bins};
     Outputs o{reinterpret_cast<unsigned long long*>(count_hist.data_ptr<int64_t>() + k0 * (u + 1)),
               reinterpret_cast<unsigned long long*>(exceed.data_ptr<int64_t>()),
-              reinterpret_cast<unsigned long long*>(fwer_bins.data_ptr<int64_t>()),
+              reinterpret_cast<unsigned long long*>(bins_hi.data_ptr<int64_t>()),
+              reinterpret_cast<unsigned long long*>(bins_lo.data_ptr<int64_t>()),
               reinterpret_cast<unsigned long long*>(max_hist.data_ptr<int64_t>()),
               (int)std::max<int64_t>(kg, 0), k0 == 0};
     switch (km) {
@@ -425,8 +434,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
       default: launch<4>(p, o, exact, total, key, n_sm, stream); break;
     }
   }
-  at::Tensor fwer_exceed = signflip_fwer_from_bins(fwer_bins, prep[4]);
-  return {count_hist, exceed, fwer_exceed, max_hist};
+  return {count_hist, exceed, signflip_fwer_from_bins(bins_hi, r_obs),
+          signflip_fwer_from_bins(bins_lo, r_obs), max_hist};
 }
 
 }  // namespace otherview

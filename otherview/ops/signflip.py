@@ -7,20 +7,20 @@ Winkler et al. 2014 "Permutation inference for the general linear model", PALM).
 ``Q = sum_i d_i^2`` does not change under a flip, so the flipped t depends only on
 ``S = sum_i s_i d_i``::
 
-    t^2 = S^2 (N - 1) / (N Q - S^2),   |t| > c  <=>  |S| / sqrt(N Q) > c / sqrt(N - 1 + c^2).
+    t^2 = S^2 (N - 1) / (N Q - S^2),   |t| > c  <=>  S^2 (N - 1 + c^2) > c^2 N Q.
 
 ``r = |S| / sqrt(N Q)`` in ``[0, 1]`` is the same increasing function of ``|t|`` for every unit
 (``|t| = r sqrt((N - 1) / (1 - r^2))``), which is what makes a max-statistic (family-wise) null cheap.
 
-Exactness. ``d`` is quantised once per unit to integers ``q = round(d * M / max_i |d_iu|)`` with
-``M = floor((2^31 - 1) / max(N, 2))``, so every flipped sum fits int32 and the whole null is integer
-arithmetic: this changes each t by at most about 1e-7 of ``max(1, |t|)`` (the quantisation step is
-``max |d| / M``, ~1.4e-8 of the unit's largest |d| for N = 30), and makes the result bitwise
-identical on the CPU and CUDA and from run to run. Threshold ``k`` is exceeded when
-``|S| > T_uk = floor(c'_k sqrt(N Q_u))`` (``c' = c / sqrt(N - 1 + c^2)``, strict); a flip counts
-toward unit ``u``'s p-value when ``|S| >= |S_obs|`` (ties with the observed value count); ``r`` is kept
-in 24-bit fixed point ``r_fix = (|S| * K_u) >> 32`` with ``K_u = floor(2^56 / sqrt(N Q_u))``. The
-per-unit integers come from one preparation step (float64, correctly rounded on every backend).
+Exactness. ``d`` is turned once into integers (:mod:`otherview.ops.fixedpoint`: a power-of-two
+scale, or the data's decimal grid, exact for integer, dyadic and rounded data; else rounding that
+moves t by less than 1e-7 of ``max(1, |t|)``), and the whole null is then integer arithmetic, bitwise
+identical on the CPU and CUDA and from run to run. Per unit, the p-value counts flips with
+``|S| >= |S_obs|`` (ties count) and threshold ``k`` is exceeded when ``|S| > T_uk`` (the exact
+integer form of ``|t| > c_k``): both exact. The family-wise count compares units through ``r`` in
+28-bit fixed point and comes as a bracket: ``fwer_exceed`` (flips whose max possibly reaches the
+unit's observed r; the p uses it, so it is never below the exact p) and ``fwer_exceed_lo`` (flips
+whose max certainly does). The two differ only where a flip's max is within ~5e-9 of an observed r.
 
 Edge cases: a unit whose ``d`` is all zero has t = 0 under every flip (never above a threshold,
 p = 1, r = 0); with one pair (N = 1) t is 0 everywhere; a constant nonzero unit has |t| = inf
@@ -31,37 +31,41 @@ Modes. ``"exact"`` enumerates all ``2^(N-1)`` patterns with pair 0's sign held a
 and its negation give the same |t|), in Gray-code order so that each step changes one sign.
 ``"random"`` draws ``n_flips`` patterns, flip 0 being the identity, from a counter-based generator
 keyed by ``(seed, flip, pair)`` (:func:`random_signs`), so the result does not depend on the
-launch configuration or the number of threads.
+launch configuration, the number of threads or which units are passed (what step-down relies on).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from otherview import ops
+from otherview.ops.fixedpoint import R_BITS, Prepared, prepare, r_fix
+from otherview.ops.null_result import NullResult, hist_quantile
 
 __all__ = [
     "EXACT_MAX_PAIRS",
     "MAX_PAIRS",
     "UNIT_FLIP_BUDGET",
     "NullResult",
+    "Prepared",
     "auto_mode",
     "exact_signs",
+    "hist_quantile",
+    "prepare",
     "random_signs",
     "signflip_null",
     "signflip_null_ref",
+    "step_down",
 ]
 
 _OP = "signflip_null"
-#: The op accepts at most this many pairs: beyond, the quantisation step grows (M ~ 2^31 / N) and
-#: the fixed-point ``K_u`` would no longer fit 32 bits.
+#: The op accepts at most this many pairs (the fixed point's K_u < 2^32 needs N <= 4096).
 MAX_PAIRS = 4096
 #: Exact mode accepts at most this many pairs (2^39 flips): at 16,320 units that is ~5 hours on an
-#: H100 and years on a CPU, so :func:`auto_mode` switches to random long before.
+#: H100 and years on a CPU; :func:`otherview.inference.check_null_budget` refuses long before.
 EXACT_MAX_PAIRS = 40
 #: Unit-flips (2^(N-1) * U) under which :func:`auto_mode` picks exact enumeration, per device
 #: type. Calibrated on measured rates: the CUDA kernel does 1.7e12 (two thresholds) to 2.1e12 (one)
@@ -69,93 +73,7 @@ EXACT_MAX_PAIRS = 40
 #: 0.24e9-0.56e9 at U = 10 on a 2-core host, so 1e10 is ~6-40 s.
 UNIT_FLIP_BUDGET = {"cuda": 1e13, "cpu": 1e10}
 _MAX_BINS = 1 << 20
-_R_BITS = 24
 _MASK64 = (1 << 64) - 1
-
-
-class NullResult(NamedTuple):
-    """The sign-flip null of every unit, as integer counts over flips (identity included).
-
-    Attributes
-    ----------
-    count_hist : Tensor, int64, shape (n_thresholds, n_units + 1)
-        ``count_hist[k, j]``: flips in which exactly ``j`` units have ``|t| > thresholds[k]``.
-    exceed : Tensor, int64, shape (n_units,)
-        Flips whose ``|t_u|`` is >= the observed ``|t_u|``.
-    fwer_exceed : Tensor, int64, shape (n_units,)
-        Flips whose maximum over units of ``|t|`` is >= the observed ``|t_u|``.
-    max_hist : Tensor, int64, shape (n_max_bins,)
-        Histogram over flips of ``max_u r_u``, bin ``min(floor(r * n_max_bins), n_max_bins - 1)``.
-    n_flips : int
-        Flips in the null, the identity included (``2^(N-1)`` in exact mode).
-    mode : str
-        ``"exact"`` or ``"random"``.
-    n_pairs : int
-        N, needed to turn ``r`` back into ``|t|``.
-    thresholds : tuple of float
-        The ``c_k`` of ``count_hist``'s rows.
-    """
-
-    count_hist: torch.Tensor
-    exceed: torch.Tensor
-    fwer_exceed: torch.Tensor
-    max_hist: torch.Tensor
-    n_flips: int
-    mode: str
-    n_pairs: int = 0
-    thresholds: tuple = ()
-
-    @property
-    def p_uncorrected(self) -> np.ndarray:
-        """Per-unit p-values ``exceed / n_flips``, float64 array of shape (n_units,); never 0."""
-        return self.exceed.numpy().astype(np.float64) / self.n_flips
-
-    @property
-    def p_fwer(self) -> np.ndarray:
-        """Family-wise (max-statistic) p-values ``fwer_exceed / n_flips``, shape (n_units,)."""
-        return self.fwer_exceed.numpy().astype(np.float64) / self.n_flips
-
-    def count_mean(self, k: int) -> float:
-        """Return the mean over flips of the number of units with ``|t| > thresholds[k]``."""
-        h = self.count_hist[k].numpy().astype(np.float64)
-        return float((h * np.arange(h.size)).sum() / h.sum())
-
-    def count_quantile(self, k: int, q: float) -> int:
-        """Return the smallest unit count ``j`` whose null CDF ``P(count <= j)`` is >= ``q``."""
-        return hist_quantile(self.count_hist[k].numpy(), q)
-
-    def _r_to_t(self, r: np.ndarray) -> np.ndarray:
-        if self.n_pairs < 2:
-            return np.zeros_like(r)
-        with np.errstate(divide="ignore"):
-            return r * np.sqrt((self.n_pairs - 1) / np.maximum(1.0 - r * r, 0.0))
-
-    def max_t_quantile(self, q: float) -> float:
-        """Return the ``q`` quantile of the null's max over units of ``|t|``, at bin resolution.
-
-        The value is the upper edge of the first max-histogram bin whose CDF is >= ``q``, turned
-        into ``|t|``: an upper bound on the quantile, off by at most one bin width in ``r``. The
-        top bin's upper edge is ``r = 1``, which is ``|t| = inf`` (returned as such).
-        """
-        b = hist_quantile(self.max_hist.numpy(), q)
-        return float(self._r_to_t(np.array([(b + 1) / self.max_hist.numel()]))[0])
-
-    def max_t_mean(self) -> float:
-        """Return the mean over flips of the max over units of ``|t|``, from bin midpoints.
-
-        Midpoints are below 1, so the value is finite even when some flip had ``r = 1``.
-        """
-        h = self.max_hist.numpy().astype(np.float64)
-        mid = (np.arange(h.size) + 0.5) / h.size
-        return float((h * self._r_to_t(mid)).sum() / h.sum())
-
-
-def hist_quantile(h: np.ndarray, q: float) -> int:
-    """Return the smallest bin whose cumulative share of histogram ``h`` is >= ``q``."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    cdf = np.cumsum(h.astype(np.float64)) / h.sum()
-    return int(np.searchsorted(cdf, q - 1e-12 * (q > 0), side="left"))
 
 
 def auto_mode(n_pairs: int, n_units: int, device: torch.device | str) -> str:
@@ -214,7 +132,7 @@ def exact_signs(n: int, flip_indices) -> torch.Tensor:
 
 
 def _check_args(d, thresholds, mode, n_flips, n_max_bins) -> None:
-    """Raise the C++ checks' errors (``check_signflip_args``), same class and text."""
+    """Raise the checks of :func:`signflip_null` on ``d`` and the settings (ValueError / TypeError)."""
 
     def fail(exc: type[Exception], msg: str) -> None:
         raise exc(f"{_OP}: {msg}")
@@ -228,44 +146,82 @@ def _check_args(d, thresholds, mode, n_flips, n_max_bins) -> None:
         fail(ValueError, f"d must have 1 to {MAX_PAIRS} pairs (rows), got {n}")
     if d.shape[1] < 1:
         fail(ValueError, f"d must have at least one unit (column), got {d.shape[1]}")
+    _check_settings(n, thresholds, mode, n_flips, n_max_bins)
+
+
+def _check_settings(n, thresholds, mode, n_flips, n_max_bins) -> None:
+    """The checks the C++ ``check_signflip_args`` repeats word for word (same class and text)."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"{_OP}: {msg}")
+
     if mode not in ("exact", "random"):
-        fail(ValueError, f'mode must be "exact" or "random", got "{mode}"')
+        fail(f'mode must be "exact" or "random", got "{mode}"')
     if mode == "exact" and n > EXACT_MAX_PAIRS:
-        fail(
-            ValueError,
-            f"exact mode enumerates 2^(n_pairs-1) flips and accepts at most {EXACT_MAX_PAIRS} pairs, "
-            f'got {n}; use mode="random"',
-        )
+        fail(f"exact mode enumerates 2^(n_pairs-1) flips and accepts at most {EXACT_MAX_PAIRS} pairs, "
+             f'got {n}; use mode="random"')
     if mode == "random" and n_flips < 1:
-        fail(ValueError, f"random mode needs n_flips >= 1 (flip 0 is the identity), got {n_flips}")
+        fail(f"random mode needs n_flips >= 1 (flip 0 is the identity), got {n_flips}")
     for k, c in enumerate(thresholds):
         if not (math.isfinite(c) and c >= 0):
-            fail(ValueError, f"thresholds must be finite and >= 0, got thresholds[{k}] = {c}")
+            fail(f"thresholds must be finite and >= 0, got thresholds[{k}] = {c}")
     if not 1 <= n_max_bins <= _MAX_BINS:
-        fail(ValueError, f"n_max_bins must be in [1, {_MAX_BINS}], got {n_max_bins}")
+        fail(f"n_max_bins must be in [1, {_MAX_BINS}], got {n_max_bins}")
 
 
-def _prep(d: torch.Tensor, thresholds: list[float]):
-    """Return (q int64 [N, U], T int64 [K, U], a_obs, kinv, r_obs int64 [U]): the C++ prep step."""
-    n = d.shape[0]
-    m = float(((1 << 31) - 1) // max(n, 2))
-    d64 = d.double()
-    amax = d64.abs().amax(0)
-    scale = torch.where(amax > 0, torch.full_like(amax, m).div(amax), torch.zeros_like(amax))
-    q = (d64 * scale).round().clamp(-m, m).long()
-    qq = (q * q).sum(0)
-    a_obs = q.sum(0).abs()
-    sq = (qq * n).double().sqrt()
-    if n < 2:
-        t_int = torch.full((len(thresholds), d.shape[1]), (1 << 31) - 1, dtype=torch.long, device=d.device)
-        kinv = torch.zeros(d.shape[1], dtype=torch.long, device=d.device)
-    else:
-        cp = torch.tensor([c / math.sqrt(float(n - 1) + c * c) for c in thresholds], dtype=torch.float64)
-        t_int = (cp.to(d.device).unsqueeze(1) * sq.unsqueeze(0)).floor().long()
-        inv = torch.full_like(sq, 2.0**56).div(sq).floor().clamp_max(4294967295.0)
-        kinv = torch.where(sq > 0, inv, torch.zeros_like(sq)).long()
-    r_obs = torch.div(a_obs * kinv, 1 << 32, rounding_mode="floor")
-    return q, t_int, a_obs, kinv, r_obs
+def _fwer_from_max(flip_max: torch.Tensor, r_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (hi, lo) family-wise counts from every flip's max ``r_fix`` (int64 [F]).
+
+    hi: flips with ``max >= r_obs - 1`` (the max possibly reaches the unit's observed r); lo: flips
+    with ``max >= r_obs + 2`` (certainly reaches it), the true r * 2^28 being in [r_fix, r_fix + 1.25).
+    """
+    srt = torch.sort(flip_max).values
+    total = srt.numel()
+    hi = total - torch.searchsorted(srt, r_obs - 1, side="left")
+    lo = total - torch.searchsorted(srt, r_obs + 2, side="left")
+    return hi, lo
+
+
+def _null_ref(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, chunk: int):
+    """Return the op's five tensors from prepared integers, in plain PyTorch (the specification)."""
+    n, u = p.q.shape
+    k_count = p.thr.shape[0]
+    total = 1 << (n - 1) if mode == "exact" else int(n_flips)
+    qf = p.q.to(device, torch.float64)
+    thr, a_obs, kinv = p.thr.to(device).long(), p.a_obs.to(device).long(), p.kinv.to(device)
+    count_hist = torch.zeros(k_count, u + 1, dtype=torch.long, device=device)
+    exceed = torch.zeros(u, dtype=torch.long, device=device)
+    max_hist = torch.zeros(n_max_bins, dtype=torch.long, device=device)
+    flip_max = []
+    for f0 in range(0, total, chunk):
+        idx = np.arange(f0, min(total, f0 + chunk))
+        signs = exact_signs(n, idx) if mode == "exact" else random_signs(seed, idx, n)
+        a = (signs.to(device, torch.float64) @ qf).long().abs()  # [P, U], exact: |S| < 2^30
+        exceed += (a >= a_obs).sum(0)
+        for k in range(k_count):
+            count_hist[k] += torch.bincount((a > thr[k]).sum(1), minlength=u + 1)
+        mx = r_fix(a, kinv).amax(1)
+        max_hist += torch.bincount(torch.clamp((mx * n_max_bins) >> R_BITS, max=n_max_bins - 1),
+                                   minlength=n_max_bins)
+        flip_max.append(mx)
+    hi, lo = _fwer_from_max(torch.cat(flip_max), r_fix(a_obs, kinv))
+    return count_hist, exceed, hi, lo, max_hist
+
+
+def _result(out, p: Prepared, mode: str, n_flips: int, thresholds) -> NullResult:
+    count_hist, exceed, hi, lo, max_hist = (t.cpu() for t in out)
+    n = p.q.shape[0]
+    total = 1 << (n - 1) if mode == "exact" else int(n_flips)
+    return NullResult(count_hist, exceed, hi, max_hist, total, mode, n, tuple(thresholds), lo,
+                      p.observed_count, p.exact_units)
+
+
+def _run(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, use_op: bool):
+    if use_op:
+        dev = torch.device(device)
+        return torch.ops.otherview.signflip_null(p.q.to(dev), p.thr.to(dev), p.a_obs.to(dev), p.kinv.to(dev),
+                                                 mode, int(n_flips), int(seed), int(n_max_bins))
+    return _null_ref(p, mode, n_flips, seed, n_max_bins, torch.device(device), 8192)
 
 
 def signflip_null_ref(
@@ -281,40 +237,20 @@ def signflip_null_ref(
     """Return the sign-flip null in plain PyTorch: the specification of the compiled op.
 
     The GEMM form: a chunk of sign patterns ``[chunk, N]`` times the quantised ``q [N, U]`` gives
-    every flipped sum ``S`` (float64 matmul, exact since ``|S| < 2^31``), then the integer
+    every flipped sum ``S`` (float64 matmul, exact since ``|S| < 2^30``), then the integer
     comparisons of the module docstring. Arguments and result are those of :func:`signflip_null`.
     """
     thresholds = [float(c) for c in thresholds]
     _check_args(d, thresholds, mode, n_flips, n_max_bins)
-    n, u = d.shape
-    q, t_int, a_obs, kinv, r_obs = _prep(d, thresholds)
-    total = 1 << (n - 1) if mode == "exact" else int(n_flips)
-    dev = d.device
-    qf = q.double()
-    count_hist = torch.zeros(len(thresholds), u + 1, dtype=torch.long, device=dev)
-    exceed = torch.zeros(u, dtype=torch.long, device=dev)
-    max_hist = torch.zeros(n_max_bins, dtype=torch.long, device=dev)
-    flip_max = []
-    for f0 in range(0, total, chunk):
-        idx = np.arange(f0, min(total, f0 + chunk))
-        signs = exact_signs(n, idx) if mode == "exact" else random_signs(seed, idx, n)
-        a = (signs.to(dev, torch.float64) @ qf).long().abs()  # [P, U]
-        exceed += (a >= a_obs).sum(0)
-        for k in range(len(thresholds)):
-            cnt = (a > t_int[k]).sum(1)
-            count_hist[k] += torch.bincount(cnt, minlength=u + 1)
-        mx = torch.div(a * kinv, 1 << 32, rounding_mode="floor").amax(1)
-        max_hist += torch.bincount(
-            torch.clamp((mx * n_max_bins) >> _R_BITS, max=n_max_bins - 1), minlength=n_max_bins
-        )
-        flip_max.append(mx)
-    mx = torch.cat(flip_max)
-    # fwer: flips whose max r_fix >= r_obs[u]; sorted maxima + searchsorted, no [flips x units].
-    mx_sorted = torch.sort(mx).values
-    fwer = total - torch.searchsorted(mx_sorted, r_obs, side="left")
-    return NullResult(
-        count_hist.cpu(), exceed.cpu(), fwer.cpu(), max_hist.cpu(), total, mode, n, tuple(thresholds)
-    )
+    _check_finite(d)
+    p = prepare(d, thresholds)
+    out = _null_ref(p, mode, n_flips, seed, n_max_bins, d.device, chunk)
+    return _result(out, p, mode, n_flips, thresholds)
+
+
+def _check_finite(d: torch.Tensor) -> None:
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"{_OP}: d contains NaN or inf; drop or impute those pairs first")
 
 
 def signflip_null(
@@ -330,9 +266,11 @@ def signflip_null(
     Parameters
     ----------
     d : Tensor, shape (n_pairs, n_units), float32 or float64, finite
-        Paired differences (viewpoint - mention) per pair and unit; 1 <= n_pairs <= 4096.
+        Paired differences (viewpoint - mention) per pair and unit; 1 <= n_pairs <= 4096. Any
+        scale (1e-300 to 1e300 alike: the fixed point takes a power of two per unit).
     thresholds : sequence of float, length K
-        Thresholds ``c_k >= 0`` on ``|t|`` for ``count_hist`` (strict: ``|t| > c_k``).
+        Thresholds ``c_k >= 0`` on ``|t|`` for ``count_hist`` (strict: ``|t| > c_k``), read as the
+        decimals they were written as.
     mode : {"exact", "random"}
         ``"exact"``: all ``2^(N-1)`` flips (N <= 40, ``n_flips`` ignored); ``"random"``: ``n_flips``
         flips (identity included) from :func:`random_signs` with ``seed``. See :func:`auto_mode`.
@@ -344,30 +282,110 @@ def signflip_null(
     Returns
     -------
     NullResult
-        Counts on the CPU. The compiled op (CPU or CUDA, by ``d``'s device) is used where it was
-        built, else :func:`signflip_null_ref`; both give identical integers.
+        Counts on the CPU. The integers are prepared on the host (:func:`prepare`); the compiled op
+        (CPU or CUDA, by ``d``'s device) runs where it was built, else :func:`signflip_null_ref`;
+        both give identical integers.
     """
     thresholds = [float(c) for c in thresholds]
     _check_args(d, thresholds, mode, n_flips, n_max_bins)
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError(f"{_OP}: d contains NaN or inf; drop or impute those pairs first")
-    if not ops.has_kernel(_OP, d.device):
-        return signflip_null_ref(d, thresholds, mode, n_flips, seed, n_max_bins)
-    out = torch.ops.otherview.signflip_null(d, thresholds, mode, int(n_flips), int(seed), int(n_max_bins))
-    total = 1 << (d.shape[0] - 1) if mode == "exact" else int(n_flips)
-    return NullResult(*(t.cpu() for t in out), total, mode, d.shape[0], tuple(thresholds))
+    _check_finite(d)
+    p = prepare(d, thresholds)
+    use_op = ops.has_kernel(_OP, d.device)
+    return _result(_run(p, mode, n_flips, seed, n_max_bins, d.device, use_op), p, mode, n_flips, thresholds)
+
+
+def step_down(
+    d: torch.Tensor,
+    result: NullResult,
+    alpha: float,
+    seed: int = 0,
+    max_passes: int = 8,
+    use_op: bool | None = None,
+) -> NullResult:
+    """Return ``result`` with step-down (Westfall & Young 1993) family-wise counts added.
+
+    Step-down max-T at level alpha: reject every unit whose single-step p is <= alpha, then redo the
+    max over the units not yet rejected and reject again, until nothing new is rejected (MNE's
+    ``step_down_p``, PALM, permuco). Each extra pass is the same null (same flips: the generator is
+    keyed by flip and pair, not unit) over the remaining units' columns, without thresholds.
+    The passes stop after ``max_passes`` (the counts then stay those of the last pass: valid,
+    conservative) or when nothing new is rejected; no pass is run when nothing is rejected at alpha,
+    or when no remaining unit's uncorrected p is <= alpha (its family-wise count cannot be lower).
+
+    The counts: a unit rejected in pass i keeps the count of pass i (its max over a superset of the
+    units ranked at or below it), the rest the last pass's; then a running max in order of decreasing
+    observed r makes them monotone. So ``p_step_down <= alpha`` exactly where step-down rejects at
+    alpha, and every value lies between the textbook step-down adjusted p and ``p_fwer``.
+
+    Parameters
+    ----------
+    d : Tensor, shape (n_pairs, n_units)
+        The differences ``result`` was computed from.
+    result : NullResult
+        The single-step null of ``d`` (any thresholds).
+    alpha : float
+        Level in (0, 1).
+    seed : int
+        The seed ``result`` used (random mode).
+    max_passes : int
+        Passes over the flips in all, the first (``result``'s) included.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    p = prepare(d, [])
+    if use_op is None:
+        use_op = ops.has_kernel(_OP, d.device)
+    counts = result.fwer_exceed.clone()
+    remaining = np.ones(counts.numel(), dtype=bool)
+    limit = alpha * result.n_flips
+    passes = 1
+    while True:
+        rejected = remaining & (counts.numpy() <= limit)
+        if not rejected.any() or rejected.sum() == remaining.sum() or passes >= max_passes:
+            break
+        remaining &= ~rejected
+        # A unit's own flips reach its observed r, so its count never drops below `exceed`: when no
+        # remaining unit's uncorrected count is <= alpha * n_flips, another pass cannot reject.
+        if result.exceed.numpy()[remaining].min() > limit:
+            break
+        idx = np.flatnonzero(remaining)
+        out = _run(p.columns(idx), result.mode, result.n_flips if result.mode == "random" else 0,
+                   seed, 1, d.device, use_op)
+        counts[torch.from_numpy(idx)] = out[2].cpu()
+        passes += 1
+    order = torch.argsort(r_fix(p.a_obs, p.kinv), descending=True, stable=True)
+    adjusted = torch.empty_like(counts)
+    adjusted[order] = torch.cummax(counts[order], 0).values
+    return result._replace(step_down_exceed=adjusted, step_down_alpha=float(alpha), step_down_passes=passes)
 
 
 if ops.compiled_available():
 
     @torch.library.register_fake("otherview::signflip_null")
-    def _signflip_null_fake(d, thresholds, mode, n_flips, seed, n_max_bins):
-        _check_args(d, thresholds, mode, n_flips, n_max_bins)
-        u = d.shape[1]
+    def _signflip_null_fake(q, thr, a_obs, kinv, mode, n_flips, seed, n_max_bins):
+        _check_prepared(q, thr, a_obs, kinv)
+        _check_settings(q.shape[0], [], mode, n_flips, n_max_bins)
+        u = q.shape[1]
         i64 = torch.long
         return (
-            d.new_empty((len(thresholds), u + 1), dtype=i64),
-            d.new_empty((u,), dtype=i64),
-            d.new_empty((u,), dtype=i64),
-            d.new_empty((n_max_bins,), dtype=i64),
+            q.new_empty((thr.shape[0], u + 1), dtype=i64),
+            q.new_empty((u,), dtype=i64),
+            q.new_empty((u,), dtype=i64),
+            q.new_empty((u,), dtype=i64),
+            q.new_empty((n_max_bins,), dtype=i64),
         )
+
+
+def _check_prepared(q, thr, a_obs, kinv) -> None:
+    """The shape and dtype checks of the C++ op on prepared integers (same class and text)."""
+    if q.dim() != 2 or q.dtype != torch.int32:
+        raise ValueError(f"{_OP}: q must be 2-d int32 [n_pairs, n_units], got {q.dtype} {list(q.shape)}")
+    n, u = q.shape
+    if not (1 <= n <= MAX_PAIRS and u >= 1):
+        raise ValueError(f"{_OP}: q must have 1 to {MAX_PAIRS} pairs and at least one unit, got {list(q.shape)}")
+    if thr.dim() != 2 or thr.dtype != torch.int32 or thr.shape[1] != u:
+        raise ValueError(f"{_OP}: thr must be int32 [n_thresholds, {u}], got {thr.dtype} {list(thr.shape)}")
+    if a_obs.dtype != torch.int32 or list(a_obs.shape) != [u]:
+        raise ValueError(f"{_OP}: a_obs must be int32 [{u}], got {a_obs.dtype} {list(a_obs.shape)}")
+    if kinv.dtype != torch.int64 or list(kinv.shape) != [u]:
+        raise ValueError(f"{_OP}: kinv must be int64 [{u}], got {kinv.dtype} {list(kinv.shape)}")

@@ -9,6 +9,7 @@ repeats the paired t, and a sign-flip family-wise p, within each level of each f
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -100,13 +101,23 @@ def conjunction(p_effect: np.ndarray, t_effect: np.ndarray, p_diff: np.ndarray, 
     return (np.asarray(p_effect) <= alpha) & (np.asarray(p_diff) <= alpha) & same & (np.sign(t_effect) != 0)
 
 
-def _contrast(design: Design, rms: np.ndarray, a: Analysis, device: torch.device) -> ContrastResult:
+def fwer_p(inf: inference.UnitInference) -> np.ndarray:
+    """Return the family-wise p-values the spec asked for: step-down where it ran, else single-step."""
+    return inf.p_step_down if inf.p_step_down is not None else inf.p_fwer
+
+
+def _contrast(design: Design, rms: np.ndarray, a: Analysis, device: torch.device,
+              say: Callable[[str], None]) -> ContrastResult:
     spec = design.spec
     step_level = design.steps.index(a.step)
     d = design.contrast_d(rms, a.contrast, step_level)
     t = stats.paired_t(d)
-    null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
-                                spec.null.quantile, device)
+    with warnings.catch_warnings():  # the null's notes go to the report and the progress, not to stderr as warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
+                                    spec.null.quantile, device, fwer=spec.null.fwer, alpha=spec.null.alpha)
+    for note in null.notes:
+        say(f"note ({a.key}): {note}")
     inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed, device=device)
     return ContrastResult(a, design.contrast(a.contrast).label, d, t, null, inf)
 
@@ -122,8 +133,11 @@ def _levels(design: Design, rms: np.ndarray, a: Analysis, device: torch.device) 
             n, u = d.shape
             exact = 2.0 ** max(n - 1, 0) * u <= LEVEL_EXACT_BUDGET
             flips = max(spec.null.flips, LEVEL_MIN_FLIPS)
-            null = stats.sign_flip_null(d, spec.null.thresholds, "exact" if exact else "random", flips,
-                                        spec.null.seed, spec.null.quantile, device)
+            with warnings.catch_warnings():  # the per-level floors are stated in the report's table
+                warnings.simplefilter("ignore", RuntimeWarning)
+                null = stats.sign_flip_null(d, spec.null.thresholds, "exact" if exact else "random", flips,
+                                            spec.null.seed, spec.null.quantile, device, fwer="single-step",
+                                            alpha=spec.null.alpha)
             out.append(LevelResult(a.key, factor, level, label, stats.paired_t(d), null.result.p_fwer, null.method,
                                    int(null.result.n_flips)))
     return out
@@ -137,7 +151,7 @@ def analyse(design: Design, rms: np.ndarray, device: torch.device | str = "cpu",
     contrasts, levels = [], []
     for a in design.analyses:
         say(f"contrast {a.key}: sign-flip null ({design.spec.null.method}) and per-unit inference")
-        contrasts.append(_contrast(design, rms, a, device))
+        contrasts.append(_contrast(design, rms, a, device, say))
         if design.contrast(a.contrast).derived_from is None:
             levels += _levels(design, rms, a, device)
     by_key = {c.key: c for c in contrasts}
@@ -147,7 +161,7 @@ def analyse(design: Design, rms: np.ndarray, device: torch.device | str = "cpu",
         for step in design.steps:
             suffix = "" if step is None else f".step{step}"
             e, diff = by_key[t.effect + suffix], by_key[t.difference + suffix]
-            passed = conjunction(e.inf.p_fwer, e.t, diff.inf.p_fwer, diff.t, alpha)
+            passed = conjunction(fwer_p(e.inf), e.t, fwer_p(diff.inf), diff.t, alpha)
             tests.append(SpecificityResult(t, step, t.name + suffix, e.key, t.control + suffix, diff.key, passed,
                                            np.sign(e.t).astype(np.int8)))
     return Results(contrasts, tests, levels)
@@ -163,7 +177,7 @@ def consistency(levels: list[LevelResult], result: ContrastResult, factor: str, 
     rows = [lv for lv in levels if lv.analysis == result.key and lv.factor == factor]
     if not rows:
         return {}
-    sig = result.inf.p_fwer <= alpha
+    sig = fwer_p(result.inf) <= alpha
     signs = np.stack([np.sign(lv.t) for lv in rows])
     same = (signs == np.sign(result.t)[None]).all(axis=0)
     every = ((np.stack([lv.p_fwer for lv in rows]) <= alpha).all(axis=0)) & same

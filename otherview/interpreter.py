@@ -321,6 +321,10 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def _opt(values, i: int):
+    return "" if values is None else float(values[i])
+
+
 def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
     """Return units.csv's rows: one per analysis and unit, where the unit sits and its statistics."""
     rows = []
@@ -336,7 +340,9 @@ def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
                          "head": u.head if u.kind == "attention" else "", "subgroup": u.subgroup,
                          "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
                          "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
+                         "g_z": _opt(inf.g_z, i), "g_z_low": _opt(inf.g_z_low, i), "g_z_high": _opt(inf.g_z_high, i),
                          "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]),
+                         "p_step_down": _opt(inf.p_step_down, i),
                          "q": float(inf.q[i]), "axis_rho": float(inf.axis.rho[i]),
                          "axis_p": float(inf.axis.p_uncorrected[i]), "axis_p_fwer": float(inf.axis.p_fwer[i]),
                          "axis_q": float(inf.axis_q[i])})
@@ -452,6 +458,9 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
             r = res.null.result
             nulls.update({f"{k}/count_hist": r.count_hist, f"{k}/exceed": r.exceed, f"{k}/fwer_exceed": r.fwer_exceed,
                           f"{k}/max_hist": r.max_hist})
+            for name in ("fwer_exceed_lo", "step_down_exceed", "observed_count"):
+                if getattr(r, name, None) is not None:
+                    nulls[f"{k}/{name}"] = getattr(r, name)
             meta[k] = {"mode": r.mode, "n_flips": int(r.n_flips)}
             infs.update({f"{k}/{name}": v for name, v in res.inf.arrays().items()})
         for s in results.specificity:

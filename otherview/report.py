@@ -22,6 +22,8 @@ from .summary import summarise  # noqa: F401  (the report's data; kept importabl
 REFERENCES = [
     "Benjamini, Y. & Hochberg, Y. (1995). Controlling the false discovery rate. J. R. Stat. Soc. B 57, 289-300.",
     "Hedges, L. V. & Olkin, I. (1985). Statistical Methods for Meta-Analysis, ch. 5. Academic Press.",
+    "Hemerik, J., Solari, A. & Goeman, J. J. (2019). Permutation-based simultaneous confidence bounds for the "
+    "false discovery proportion. Biometrika 106, 635-649.",
     "Goulet-Pelletier, J.-C. & Cousineau, D. (2018). A review of effect sizes and their confidence intervals, "
     "part I: the Cohen's d family. Quant. Methods Psychol. 14, 242-265.",
     "Nichols, T. E. & Holmes, A. P. (2002). Nonparametric permutation tests for functional neuroimaging. "
@@ -41,8 +43,14 @@ def _fmt_count(x: float) -> str:
 
 def _ratio(row: dict) -> str:
     if row["ratio"] is None:
-        return "—" if row["threshold"] is None else "∞ (null quantile 0)"
+        if row["threshold"] is None:
+            return "—"
+        return f"> {row.get('ratio_above', row['observed']):,}× (null quantile 0)"
     return f"{row['ratio']:,.0f}×" if row["ratio"] >= 10 else f"{row['ratio']:.2g}×"
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else f"{p:.3g}"
 
 
 def _n(n: int, noun: str) -> str:
@@ -73,16 +81,25 @@ def _card(summary: dict, a: dict, heading: str) -> list[str]:
     qname = f"p{null['quantile'] * 100:g}"
     kind = (f"exact: all {null['flips']:,} sign flips" if null["exact"]
             else f"{null['flips']:,} seeded random sign flips (seed {null['seed']})")
-    lines = [heading, "", f"| metric | observed | null mean | null {qname} | observed / null {qname} |",
-             "|---|---|---|---|---|"]
+    level = f"{1 - summary['alpha']:.0%}"
+    lines = [heading, "", f"| metric | observed | null mean | null {qname} | observed / null {qname} | p | "
+             f"truly responding ({level} lower bound) |", "|---|---|---|---|---|---|---|"]
     for row in a["card_table"]:
         if row["threshold"] is None:
-            lines.append(f"| max \\|t\\| | {row['observed']:.2f} | {row['null_mean']:.2f} | {row['null_q']:.2f} | — |")
+            lines.append(f"| max \\|t\\| | {row['observed']:.2f} | {row['null_mean']:.2f} | {row['null_q']:.2f} | — | "
+                         f"{_p(row.get('p'))} | — |")
         else:
+            bound = row.get("bound")
             lines.append(f"| {row['metric'].replace('|', chr(92) + '|')} | {row['observed']:,} ({row['fraction']:.0%}) | "
-                         f"{_fmt_count(row['null_mean'])} | {_fmt_count(row['null_q'])} | {_ratio(row)} |")
+                         f"{_fmt_count(row['null_mean'])} | {_fmt_count(row['null_q'])} | {_ratio(row)} | "
+                         f"{_p(row.get('p'))} | {'—' if bound is None else f'≥ {max(bound, 0):,}'} |")
     n, alpha = summary["n_units"], summary["alpha"]
-    lines += ["", f"Null: {kind}, {summary['n_items']} items, {n:,} units.", ""]
+    lines += ["", f"Null: {kind}, {summary['n_items']} items, {n:,} units; smallest attainable p "
+              f"{null.get('min_p', 1 / null['flips']):.3g}. p: the share of sign flips whose count (or max |t|) "
+              f"reaches the observed; the bound: with probability ≥ {level}, at least this many of the units over "
+              "the threshold truly respond (Hemerik, Solari & Goeman 2019; per threshold). The ratio is a "
+              "description, not a test."]
+    lines += [f"> Null note: {note}" for note in null.get("notes", [])] + [""]
     rows = [r for r in a["card_table"] if r["threshold"] is not None]
     first = rows[0]
     text = (f"{first['fraction']:.0%} of all {n:,} units have |t| > {first['threshold']:g} for {a['label']}, "
@@ -91,8 +108,9 @@ def _card(summary: dict, a: dict, heading: str) -> list[str]:
         text += (f" {row['observed']:,} units have |t| > {row['threshold']:g} against a null {qname} of "
                  f"{_fmt_count(row['null_q'])} ({_ratio(row)}).")
     total = a["groups"]["all"][0]
-    text += (f" After correction, {_pct(total['fwer'], n)} units differ at family-wise p ≤ {alpha:g} (max-|t| "
-             f"sign-flip null) and {_pct(total['fdr'], n)} at Benjamini-Hochberg q ≤ {alpha:g}.")
+    step = (f", {_pct(total['fwer_step_down'], n)} by the step-down procedure" if "fwer_step_down" in total else "")
+    text += (f" After correction, {_pct(total['fwer'], n)} units differ at family-wise p ≤ {alpha:g} (single-step "
+             f"max-|t| sign-flip null){step}, and {_pct(total['fdr'], n)} at Benjamini-Hochberg q ≤ {alpha:g}.")
     lines.append(text)
     best, cluster = a["strongest_block"], a["top_cluster"]
     if best:
@@ -183,16 +201,31 @@ def _methods(manifest: dict, summary: dict) -> list[str]:
     min_flips = min(f for _, f in nulls)
     floor_t = _bh_floor(summary["n_units"], min_flips, alpha)
     floor_axis = _bh_floor(summary["n_units"], axis["n_permutations"], alpha)
-    lines += [f"**Statistics.** Per unit and contrast, the paired t = mean(d) / (sd(d)/√N) and Cohen's d_z = "
-              f"mean(d)/sd(d) with a {summary['ci_level']:.0%} interval from the normal approximation SE = "
-              "√(1/N + d_z²/(2N)) (Hedges & Olkin 1985; Goulet-Pelletier & Cousineau 2018), which is narrower than "
-              f"the exact noncentral-t interval for small N or large d_z. Null: sign flips of the items' contrast "
-              f"values, {null_text}. p (uncorrected) is the share of flips with |t| at least the observed; p (FWER) "
-              "the share whose maximum |t| over all units reaches it (Westfall & Young 1993; Nichols & Holmes 2002); "
-              f"q is the Benjamini-Hochberg (1995) step-up adjustment of the uncorrected p; each contrast is "
-              f"corrected over units, not across contrasts. Significant: p ≤ {alpha:g}. Threshold counts |t| > "
-              + ", ".join(f"{c:g}" for c in spec["null"]["thresholds"]) +
-              f", compared with the null's mean and {spec['null']['quantile']:g} quantile.", ""]
+    a0 = summary["analyses"][0]["null"]
+    fwer = a0.get("fwer", "single-step")
+    exact_units = a0.get("exact_units")
+    held = (f" Differences are held as integers ({exact_units:,} of {summary['n_units']:,} units exactly, the rest "
+            "rounded so that t moves by less than 1e-7), so p-values and threshold counts are exact for those "
+            "integers." if exact_units is not None else "")
+    floors = "; ".join(f"{a['key']}: {a['null'].get('min_p', 1 / a['null']['flips']):.3g}" for a in summary["analyses"])
+    lines += [f"**Statistics.** Per unit and contrast, the paired t = mean(d) / (sd(d)/√N) and Hedges' g_z = J·d_z "
+              "(d_z = mean(d)/sd(d); J = Γ(m/2)/(√(m/2)·Γ((m−1)/2)), m = N−1, which removes d_z's small-sample "
+              f"bias), with a {summary['ci_level']:.0%} interval for the standardised mean difference from the "
+              "noncentral t with N−1 degrees of freedom (exact). A unit whose differences are all equal has t = ±∞ "
+              "(g_z ±∞) if they are nonzero and 0 if zero. "
+              f"Null: sign flips of the items' contrast values, {null_text}.{held} Smallest attainable p per "
+              f"analysis: {floors}. p (uncorrected) is the share of flips with |t| at least the observed; p (FWER) "
+              "the share whose maximum |t| over the units reaches it (Westfall & Young 1993; Nichols & Holmes "
+              f"2002), single-step" + (", and step-down (the maximum over the units not yet rejected, on the "
+                                       "same flips; it rejects at least as many units)" if fwer == "step-down" else "")
+              + f"; the unit tables give the {fwer} p. q is the Benjamini-Hochberg (1995) step-up adjustment of the "
+              "uncorrected p; each contrast is corrected over units, not across contrasts. Significant: p ≤ "
+              f"{alpha:g}. Threshold counts |t| > " + ", ".join(f"{c:g}" for c in spec["null"]["thresholds"]) +
+              f" are tested against their sign-flip distribution, with a {1 - alpha:.0%} lower bound on the truly "
+              "responding units among them (observed count minus the null count's 1−α quantile; Hemerik, Solari & "
+              f"Goeman 2019), and compared with the null's mean and {spec['null']['quantile']:g} quantile. The "
+              "test assumes each item's contrast value is symmetric about 0 under the null: skewed values inflate "
+              "the error.", ""]
     if summary["specificity"]:
         lines += ["**Specificity.** A unit responds to the effect beyond the control when the effect contrast AND "
                   "the effect minus the control both pass the family-wise correction, with the same sign: the "
@@ -212,27 +245,38 @@ def _methods(manifest: dict, summary: dict) -> list[str]:
 def _group_table(rows: list[dict], summary: dict, a: dict, first: str, name) -> list[str]:
     th = a["null"]["thresholds"]
     al = f"{summary['alpha']:g}"
+    sd = bool(rows) and "fwer_step_down" in rows[0]
     head = (f"| {first} | units | " + " | ".join(f"\\|t\\|>{c:g}" for c in th)
-            + f" | FWER ≤ {al} | q ≤ {al} | axis FWER ≤ {al} | max \\|t\\| |")
-    lines = [head, "|---|---|" + "---|" * len(th) + "---|---|---|---|"]
+            + f" | FWER ≤ {al} (single-step) |" + (f" FWER ≤ {al} (step-down) |" if sd else "")
+            + f" q ≤ {al} | axis FWER ≤ {al} | max \\|t\\| |")
+    lines = [head, "|---|---|" + "---|" * len(th) + "---|" * (4 + sd)]
     for r in rows:
         n = r["units"]
-        cells = [name(r), f"{n:,}"] + [_pct(r[f"over_{c:g}"], n) for c in th]
-        cells += [_pct(r["fwer"], n), _pct(r["fdr"], n), _pct(r["axis_fwer"], n), f"{r['max_abs_t']:.2f}"]
+        cells = [name(r), f"{n:,}"] + [_pct(r[f"over_{c:g}"], n) for c in th] + [_pct(r["fwer"], n)]
+        cells += [_pct(r["fwer_step_down"], n)] if sd else []
+        cells += [_pct(r["fdr"], n), _pct(r["axis_fwer"], n), f"{r['max_abs_t']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _unit_table(units: list[dict], level: float) -> list[str]:
-    cols = (f"| unit | block | kind | head | channels | t | d_z [{level:.0%} CI] | p | p (FWER) | q | ρ axis | "
+    cols = (f"| unit | block | kind | head | channels | t | g_z [{level:.0%} CI] | p | p (FWER) | q | ρ axis | "
             "p axis (FWER) |")
     lines = [cols, "|---" * 12 + "|"]
     for u in units:
-        head = "—" if u["head"] < 0 else str(u["head"])
+        head = "—" if u["head"] is None or u["head"] < 0 else str(u["head"])
+        g = u.get("g_z")
+        eff = (f"{_f2(g)} [{_f2(u.get('g_z_low'))}, {_f2(u.get('g_z_high'))}]" if "g_z" in u else
+               f"{u['d_z']:.2f} [{u['d_z_low']:.2f}, {u['d_z_high']:.2f}]")
+        p_fwer = u["p_step_down"] if u.get("p_step_down") is not None else u["p_fwer"]
         lines.append(f"| {u['unit']} | {u['label']} | {u['kind']} | {head} | {u['channels']} | {u['t']:.2f} | "
-                     f"{u['d_z']:.2f} [{u['d_z_low']:.2f}, {u['d_z_high']:.2f}] | {u['p_uncorrected']:.3g} | "
-                     f"{u['p_fwer']:.3g} | {u['q']:.3g} | {u['axis_rho']:+.2f} | {u['axis_p_fwer']:.3g} |")
+                     f"{eff} | {u['p_uncorrected']:.3g} | {p_fwer:.3g} | {u['q']:.3g} | {u['axis_rho']:+.2f} | "
+                     f"{u['axis_p_fwer']:.3g} |")
     return lines
+
+
+def _f2(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
 
 
 def _results(summary: dict, a: dict, level: int) -> list[str]:

@@ -196,6 +196,9 @@ class Null(_Strict):
     thresholds: Annotated[list[Annotated[float, Field(gt=0, le=1e6)]], Field(min_length=1, max_length=16)] = [3.0, 5.0]
     quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05  # significance level of every corrected test
+    # family-wise p: Westfall & Young's max-|t| single-step, or step-down (rejects at least as much;
+    # extra passes over the same flips)
+    fwer: Literal["step-down", "single-step"] = "step-down"
 
 
 class Runtime(_Strict):

@@ -81,13 +81,11 @@ def paired_t(d: np.ndarray) -> np.ndarray:
     n = d.shape[0]
     if n < 2:
         return np.zeros(d.shape[1])
-    mean = d.mean(axis=0)
-    sd = d.std(axis=0, ddof=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = mean / (sd / np.sqrt(n))
-    t[(sd == 0) & (mean == 0)] = 0.0
-    t[(sd == 0) & (mean != 0)] = np.sign(mean[(sd == 0) & (mean != 0)]) * np.inf
-    return t
+    # t = d_z sqrt(N), with d_z computed on each unit rescaled by a power of two: exact constant units
+    # (sd = 0) give +-inf, all-zero units 0, and 1e-300 or 1e300 neither underflows nor overflows.
+    from .effects import cohens_dz
+
+    return cohens_dz(d) * np.sqrt(n)
 
 
 def effect_size(d: np.ndarray) -> np.ndarray:

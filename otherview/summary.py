@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import inference, stats
-from .analysis import ContrastResult, Results, SpecificityResult, consistency
+from .analysis import ContrastResult, Results, SpecificityResult, consistency, fwer_p
 from .plan import Plan
 
 TOP_UNITS = 20
@@ -29,9 +29,19 @@ def unit_record(plan: Plan, i: int, res: ContrastResult) -> dict:
             "kind": u.kind, "head": u.head, "subgroup": u.subgroup, "channels": f"{u.channel_start}-{u.channel_end - 1}",
             "t": float(t[i]), "mean_d": float(d[:, i].mean()), "d_z": float(inf.d_z[i]),
             "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
-            "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]), "q": float(inf.q[i]),
+            "g_z": _num(inf.g_z, i), "g_z_low": _num(inf.g_z_low, i), "g_z_high": _num(inf.g_z_high, i),
+            "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]),
+            "p_step_down": _num(inf.p_step_down, i), "q": float(inf.q[i]),
             "axis_rho": float(inf.axis.rho[i]), "axis_p": float(inf.axis.p_uncorrected[i]),
             "axis_p_fwer": float(inf.axis.p_fwer[i]), "axis_q": float(inf.axis_q[i])}
+
+
+def _num(values, i: int):
+    """Return ``values[i]`` as a JSON number, None where absent or not finite (strict JSON)."""
+    if values is None:
+        return None
+    v = float(values[i])
+    return v if np.isfinite(v) else None
 
 
 def layout(plan: Plan) -> dict[str, Any]:
@@ -48,7 +58,7 @@ def layout(plan: Plan) -> dict[str, Any]:
 def analysis_summary(plan: Plan, res: ContrastResult) -> dict[str, Any]:
     """Return one analysis's record: card table, groups, strongest block, top units, axis, null."""
     spec, d, t, inf, null = plan.spec, res.d, res.t, res.inf, res.null
-    groups = inference.group_summaries(plan, t, inf)
+    groups = inference.group_summaries(plan, t, inf, alpha=spec.null.alpha)
     strongest = inference.strongest_site(groups["sites"], spec.null.thresholds)
     by_t = np.argsort(-np.abs(t), kind="stable")[:TOP_UNITS]
     by_axis = np.lexsort((-np.abs(inf.axis.rho), inf.axis.p_uncorrected, inf.axis.p_fwer))[:TOP_AXIS]
@@ -60,7 +70,8 @@ def analysis_summary(plan: Plan, res: ContrastResult) -> dict[str, Any]:
     a = res.analysis
     return {"key": a.key, "contrast": a.contrast, "label": res.label, "step": a.step,
             "derived_from": list(plan.design.contrast(a.contrast).derived_from or []) or None,
-            "card_table": stats.card_table(t, null), "groups": groups, "strongest_block": strongest,
+            "card_table": stats.card_table(t, null, spec.null.alpha), "groups": groups,
+            "strongest_block": strongest,
             "top_cluster": {"label": cluster, "count": labels.count(cluster) if cluster else 0, "of": len(top),
                             "expected": len(top) * share.get(cluster, 0.0)},
             "top_units": top,
@@ -69,7 +80,12 @@ def analysis_summary(plan: Plan, res: ContrastResult) -> dict[str, Any]:
                      "max_null_q": float(np.quantile(axis.max_null, 1 - spec.null.alpha)),
                      "top_units": [unit_record(plan, int(i), res) for i in by_axis]},
             "null": {"method": null.method, "exact": null.exact, "flips": int(null.result.n_flips),
-                     "seed": spec.null.seed, "quantile": null.quantile, "thresholds": null.thresholds}}
+                     "seed": spec.null.seed, "quantile": null.quantile, "thresholds": null.thresholds,
+                     "fwer": null.fwer, "min_p": null.min_p, "notes": list(null.notes),
+                     "step_down_passes": int(getattr(null.result, "step_down_passes", 0) or 0),
+                     "max_p_fwer_error": float(np.max(inf.p_fwer_error)) if inf.p_fwer_error is not None else 0.0,
+                     "exact_units": int(np.sum(null.result.exact_units)) if null.result.exact_units is not None
+                     else None, "axis_min_p": float(getattr(axis, "min_p", 1.0 / axis.n_permutations))}}
 
 
 def _specificity_summary(plan: Plan, s: SpecificityResult, results: Results) -> dict[str, Any]:
@@ -83,21 +99,22 @@ def _specificity_summary(plan: Plan, s: SpecificityResult, results: Results) -> 
         rows.append({"site": site.name, "label": inference.site_label(site.stream, site.block, site.kind),
                      "units": int(site.n_units), "passed": int(passed[idx].sum()),
                      "passed_attention": int((passed[idx] & (kinds == "attention")).sum()),
-                     "effect_fwer": int((e.inf.p_fwer[idx] <= alpha).sum())})
+                     "effect_fwer": int((fwer_p(e.inf)[idx] <= alpha).sum())})
     order = np.flatnonzero(passed)
     order = order[np.argsort(-np.minimum(np.abs(e.t[order]), np.abs(diff.t[order])), kind="stable")][:TOP_UNITS]
     top = []
     for i in order:
         rec = unit_record(plan, int(i), e)
-        rec.update(t_control=float(ctl.t[i]), t_difference=float(diff.t[i]), p_fwer_difference=float(diff.inf.p_fwer[i]))
+        rec.update(t_control=float(ctl.t[i]), t_difference=float(diff.t[i]),
+                   p_fwer_difference=float(fwer_p(diff.inf)[i]))
         top.append(rec)
-    effect_sig = e.inf.p_fwer <= alpha
+    effect_sig = fwer_p(e.inf) <= alpha
     return {"name": s.test.name, "key": s.key, "step": s.step, "effect": s.effect_key, "control": s.control_key,
             "difference": s.difference_key, "effect_label": e.label, "control_label": ctl.label,
             "difference_label": diff.label, "passed": int(passed.sum()),
             "positive": int((passed & (s.sign > 0)).sum()), "negative": int((passed & (s.sign < 0)).sum()),
             "effect_significant": int(effect_sig.sum()),
-            "control_significant": int((ctl.inf.p_fwer <= alpha).sum()),
+            "control_significant": int((fwer_p(ctl.inf) <= alpha).sum()),
             "effect_not_specific": int((effect_sig & ~passed).sum()), "sites": rows, "top_units": top}
 
 

@@ -85,7 +85,7 @@ def test_methods_say_exactly_what_was_run(klein_run):
                      "16,320 units of 16 input channels", "512 text, 4,096 target and 4,096 reference tokens",
                      "random (200 seeded sign flips, seed 0", "Benjamini-Hochberg (1995)", "|t| > 3, 5",
                      "0.99 quantile", "10,000 permutations (the identity and 9,999 random, numpy seed 0)",
-                     "√(1/N + d_z²/(2N))"]:
+                     "noncentral t with N−1 degrees of freedom", "Hedges' g_z"]:
         assert expected in methods, expected
 
 

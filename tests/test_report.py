@@ -172,7 +172,7 @@ def test_incomplete_or_old_run_directories_say_so(klein_run, tmp_path):
     for name in ("manifest.json", "rms.safetensors", "null.safetensors"):
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     (tmp_path / "summary.json").write_text(json.dumps({"card_table": []}))
-    with pytest.raises(RunDirError, match="missing \(the manifest records it\)|does not match its recorded"):
+    with pytest.raises(RunDirError, match=r"missing \(the manifest records it\)|does not match its recorded"):
         report.write_report(tmp_path)
     with pytest.raises(RunDirError, match="predates this otherview version"):
         report.write_report(tmp_path, verify=False)

@@ -109,6 +109,9 @@ def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
     spec, _ = _load(spec_path)
     spec, plan_ = preflight(spec, spec_path, model_override)
     click.echo(describe(plan_, prompts=prompts))
+    layers = ", ".join(map(str, plan_.arch.text_encoder_out_layers))
+    click.echo(f"text encoder states stacked: {layers}"
+               + (" (model.text_encoder_out_layers)" if spec.model.text_encoder_out_layers else " (the model's)"))
     device = resolved_device(spec)
     method = choose_method(spec.null.method, plan_.flips["pairs"], plan_.n_units, device)
     click.echo(f"null method on this machine ({device}): {method}")

@@ -213,3 +213,12 @@ def test_a_nan_reference_image_is_refused_not_saved_black(runner, nan_folder, tm
     manifest = _failed_manifest(tmp_path / "runs")
     assert "reference" not in manifest["phases_done"]
     assert not (next((tmp_path / "runs").iterdir()) / "reference.png").exists()
+
+
+def test_text_encoder_out_layers_are_applied_not_ignored(runner, tmp_path):
+    spec = tmp_path / "layers.toml"
+    spec.write_text(SMALL.replace("max_sequence_length = 128", "max_sequence_length = 128\n"
+                                  "text_encoder_out_layers = [0, 1, 2]"))
+    result = runner.invoke(main, ["plan", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert "text encoder states stacked: 0, 1, 2 (model.text_encoder_out_layers)" in result.output

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from .errors import EXIT_UNAVAILABLE, EXIT_USER, OtherviewError, Unavailable, UserError
+from .errors import EXIT_UNAVAILABLE, EXIT_USER, Unavailable, UserError
 
 #: An exact null estimated to take longer than this is refused before any work, with the way out.
 MAX_NULL_SECONDS = 3600.0
@@ -244,5 +243,3 @@ def preflight(spec, spec_path: str, model_override: str | None = None, out_dir: 
     raise_problems(list(dict.fromkeys(problems)), spec_path)
     return spec, plan
 
-
-__all__ = ["preflight", "raise_problems", "OtherviewError"]

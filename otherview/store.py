@@ -406,9 +406,12 @@ def verify_run(run_dir: Path, manifest: dict) -> None:
     if sha256_json({k: manifest.get(k) for k in RECORD_FIELDS}) != manifest["record_sha256"]:
         raise fail("manifest.json was changed after the run: its spec, model, random-weights flag or file hashes no "
                    "longer match their recorded hash; refusing to report it")
-    for path in [run_dir / "figures", run_dir / "report.md", *run_dir.iterdir()]:
+    inside = [*(run_dir / "figures").iterdir()] if (run_dir / "figures").is_dir() and not \
+        (run_dir / "figures").is_symlink() else []
+    for path in [run_dir / "figures", run_dir / "report.md", *run_dir.iterdir(), *inside]:
         if path.is_symlink():
-            raise fail(f"{path.name} is a symbolic link: a run directory's files are its own, refusing to follow it")
+            raise fail(f"{path.relative_to(run_dir)} is a symbolic link: a run directory's files are its own, "
+                       "refusing to follow it")
     if (run_dir / "figures").exists() and not (run_dir / "figures").is_dir():
         raise fail("figures is not a directory")
     for name, digest in manifest["files"].items():

@@ -6,7 +6,6 @@ fragments its message must hold.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

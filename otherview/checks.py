@@ -171,13 +171,19 @@ def null_problems(spec, plan, device: torch.device) -> list[Problem]:
 
     n, units = plan.flips["pairs"], plan.n_units
     method = choose_method(spec.null.method, n, units, device)
+    analyses = max(len(plan.design.analyses), 1)
     if method != "exact":
+        rate = signflip.UNIT_FLIP_BUDGET["cuda" if device.type == "cuda" else "cpu"] / 6.0
+        seconds = analyses * spec.null.flips * units / rate
+        if seconds > MAX_NULL_SECONDS:
+            return [("null.flips", f"{spec.null.flips:,} random flips x {units:,} units x {analyses} analyses would "
+                                   f"take about {_duration(seconds)} on {device.type}, over the "
+                                   f"{_duration(MAX_NULL_SECONDS)} budget; use fewer flips", EXIT_USER)]
         return []
     if n > signflip.EXACT_MAX_PAIRS:
         return [("null.method", f"exact enumerates 2^{n - 1} sign flips for {n} pairs, more than the "
                                 f"2^{signflip.EXACT_MAX_PAIRS - 1} it can; use method = 'random' (null.flips) or "
                                 "'auto'", EXIT_USER)]
-    analyses = max(len(plan.design.analyses), 1)
     seconds = estimate_null_seconds(n, units, device) * analyses
     if seconds > MAX_NULL_SECONDS:
         return [("null.method", f"the exact null ({analyses} x 2^{n - 1} flips x {units:,} units) would take about "

@@ -173,3 +173,13 @@ def test_report_refuses_a_tampered_run_directory(runner, uninterrupted, tmp_path
     assert message in result.output and str(run) in result.output and "Traceback" not in result.output
     if tamper == "figures_symlink":
         assert not list((tmp_path / "elsewhere").iterdir())  # nothing written through the link
+
+
+def test_sigint_in_process_marks_the_run_interrupted(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTHERVIEW_TEST_STOP", "statistics:INT")
+    result = runner.invoke(main, ["exec", str(SMALL), "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted by SIGINT" in result.output and "Traceback" not in result.output
+    manifest = json.loads((next(tmp_path.iterdir()) / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["phase"] == "statistics"
+    assert "probe" in manifest["phases_done"]

@@ -1,11 +1,14 @@
 """The command line: parses arguments, calls one function per command, turns known errors into exit codes.
 
-Exit codes: 0 success, 1 a bug (traceback shown), 2 a problem with the spec or its fit to the model,
-3 the model or device is not available here.
+This is the one place errors become exit codes (the table is in ``otherview.errors``): 0 success,
+1 a bug (traceback shown), 2 a problem with the spec, its inputs or a run directory, 3 the model or
+device is not available or usable here (NaN or inf from the model included), 130/143 interrupted
+by SIGINT/SIGTERM. Every message names the file and, where there is one, the dotted spec path.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,10 +17,10 @@ import time
 
 import click
 
-from . import __version__
+from . import __version__, errors
 
-EXIT_SPEC = 2
-EXIT_UNAVAILABLE = 3
+EXIT_SPEC = errors.EXIT_USER
+EXIT_UNAVAILABLE = errors.EXIT_UNAVAILABLE
 
 
 def _fail(message: str, code: int) -> None:
@@ -25,39 +28,43 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _problems(source: str, problems) -> str:
-    return "\n".join(f"{source}: {p}: {m}" if p else f"{source}: {m}" for p, m in problems)
+def _handled(source_param: str):
+    """Run a command, turning each known error into its message (naming the file) and exit code."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except (Exception, errors.Interrupted, KeyboardInterrupt) as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    exc = errors.Interrupted(2)
+                code = errors.exit_code(exc)
+                if code is None:
+                    raise  # a bug: its traceback is what helps
+                source = kwargs.get(source_param) or kwargs.get("resume_dir")
+                if isinstance(source, (tuple, list)):  # several specs: the one being run, else the first
+                    source = getattr(exc, "spec_path", None) or (source[0] if source else None)
+                text = errors.message(exc, source)
+                run_dir = getattr(exc, "run_dir", None)
+                if run_dir is not None:
+                    text += _run_dir_note(exc, run_dir)
+                _fail(text, code)
+        return run
+    return wrap
 
 
-def _load(path: str, design: bool = True):
-    """Return (spec, raw text, design) of the spec at ``path``; exit 2 naming every problem."""
-    from .design import DesignError, build_design
-    from .spec import SpecError, load_spec
-
-    try:
-        spec, raw = load_spec(path)
-    except SpecError as exc:
-        _fail(exc.format(), EXIT_SPEC)
-    if not design:
-        return spec, raw, None
-    try:
-        return spec, raw, build_design(spec)
-    except DesignError as exc:
-        _fail(_problems(path, exc.problems), EXIT_SPEC)
+def _run_dir_note(exc: BaseException, run_dir) -> str:
+    if isinstance(exc, errors.Interrupted):
+        return (f"\nrun directory {run_dir}: status interrupted; `otherview exec --resume {run_dir}` continues it "
+                "from its last finished probe batch")
+    return f"\nrun directory {run_dir}: status failed, with this reason in manifest.json"
 
 
-def _plan(spec, model_override: str | None, path: str, design=None):
-    from .design import DesignError
-    from .model import ModelUnavailable, architecture
-    from .plan import PlanError, build_plan
+def _load(path: str):
+    """Return (spec, raw text) of the spec at ``path``; ``SpecError`` names every problem."""
+    from .spec import load_spec
 
-    source = model_override or spec.model.source
-    try:
-        return build_plan(spec, architecture(source), design)
-    except (PlanError, DesignError) as exc:
-        _fail(_problems(path, exc.problems), EXIT_SPEC)
-    except ModelUnavailable as exc:
-        _fail(f"{path}: model.source: {exc}", EXIT_UNAVAILABLE)
+    return load_spec(path)
 
 
 MODEL_OPTION = click.option("--model", "model_override", metavar="SOURCE",
@@ -78,9 +85,14 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@_handled("spec_path")
 def validate(spec_path: str) -> None:
-    """Check SPEC and report every problem (exit 2 if any)."""
-    spec, _, design = _load(spec_path)
+    """Check SPEC and everything checkable before weights; report every problem (exit 2, or 3 for the device)."""
+    from .checks import preflight
+
+    spec, _ = _load(spec_path)
+    spec, plan_ = preflight(spec, spec_path)
+    design = plan_.design
     click.echo(f"{spec_path}: ok ({len(spec.axis.fillers)} {spec.axis.name}, {len(spec.conditions)} conditions, "
                f"{len(design.contrasts)} contrast(s), {len(design.specificity)} specificity test(s), "
                f"{len(design.passes)} probe passes)")
@@ -90,26 +102,26 @@ def validate(spec_path: str) -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @MODEL_OPTION
 @click.option("--prompts", is_flag=True, help="Also print every rendered prompt, one line per pass.")
+@_handled("spec_path")
 def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
     """Compile SPEC into its passes and print them, without loading weights."""
+    from .checks import preflight, resolved_device
     from .plan import describe
-
-    from .model import ModelUnavailable, resolve_device
     from .stats import choose_method
 
-    spec, _, design = _load(spec_path)
-    plan_ = _plan(spec, model_override, spec_path, design)
+    spec, _ = _load(spec_path)
+    spec, plan_ = preflight(spec, spec_path, model_override)
     click.echo(describe(plan_, prompts=prompts))
-    try:
-        device = resolve_device(spec.model.device)
-    except ModelUnavailable as exc:
-        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
-    method = choose_method(spec.null.method, len(spec.axis.fillers), plan_.n_units, device)
+    layers = ", ".join(map(str, plan_.arch.text_encoder_out_layers))
+    click.echo(f"text encoder states stacked: {layers}"
+               + (" (model.text_encoder_out_layers)" if spec.model.text_encoder_out_layers else " (the model's)"))
+    device = resolved_device(spec)
+    method = choose_method(spec.null.method, plan_.flips["pairs"], plan_.n_units, device)
     click.echo(f"null method on this machine ({device}): {method}")
 
 
 @main.command(name="exec")
-@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, type=click.Path(dir_okay=False))
 @MODEL_OPTION
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Parent of the run directory (default: the spec's output.dir).")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), help="Override runtime.compile.")
@@ -117,47 +129,64 @@ def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
 @click.option("--attention-backend", help="Override runtime.attention_backend (a diffusers backend name).")
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Share the probe batches among N processes on this machine (starts `accelerate launch`).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handled("spec_paths")
 def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str | None, compile_: str | None,
-          batch_size: int | None, attention_backend: str | None, processes: int, quiet: bool) -> None:
-    """Run each SPEC end to end and write its run directory and report.
+          batch_size: int | None, attention_backend: str | None, processes: int, resume_dir: str | None,
+          quiet: bool) -> None:
+    """Run each SPEC end to end and write its run directory and report (or continue one with --resume).
 
-    Several specs share the loaded model (one run directory each). Under `accelerate launch`
-    (or with --processes N) the probe batches are shared among the processes.
+    Several specs share the loaded model (one run directory each). Under `accelerate launch` (or with
+    --processes N) the probe batches are shared among the processes.
     """
-    from .capture import CaptureError
-    from .interpreter import execute
-    from .model import ModelSettingError, ModelUnavailable
-    from .plan import PlanError
+    from .checks import preflight
+    from .interpreter import execute, resume
     from .spec import with_overrides
 
-    specs = []
-    for spec_path in spec_paths:  # every spec checked before any weights are touched
-        spec, raw, design = _load(spec_path)
-        spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
-                                     "runtime.attention_backend": attention_backend})
-        _plan(spec, model_override, spec_path, design)
-        specs.append((spec_path, spec, raw))
-    if processes > 1:
-        sys.exit(_launch(processes, sys.argv[sys.argv.index("exec") + 1:] if "exec" in sys.argv else []))
     start = time.perf_counter()
     main_process = int(os.environ.get("RANK", "0")) == 0
 
     def progress(msg: str) -> None:
-        if not quiet:
+        if not quiet and main_process:
             click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
 
+    if resume_dir is not None:
+        changed = [name for name, v in (("--model", model_override), ("--out", out_dir), ("--compile", compile_),
+                                        ("--batch-size", batch_size), ("--attention-backend", attention_backend),
+                                        ("--processes", processes > 1)) if v]
+        if changed:
+            raise errors.UserError(f"{', '.join(changed)}: a resumed run keeps the settings it was started with",
+                                   source=resume_dir)
+        if len(spec_paths) > 1:
+            raise errors.UserError("--resume continues one run: give at most its one SPEC", source=resume_dir)
+        raw = _load(spec_paths[0])[1] if spec_paths else None
+        click.echo(str(resume(resume_dir, raw, progress=progress)))
+        return
+    if not spec_paths:
+        raise click.UsageError("give SPEC, or --resume RUN_DIR")
+    specs = []
+    for spec_path in spec_paths:  # every spec checked before any weights are touched
+        spec, raw = _load(spec_path)
+        spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
+                                     "runtime.attention_backend": attention_backend})
+        try:
+            preflight(spec, spec_path, model_override, out_dir)
+        except Exception as exc:
+            exc.spec_path = spec_path  # the file its message names
+            raise
+        specs.append((spec_path, spec, raw))
+    if processes > 1:
+        sys.exit(_launch(processes, sys.argv[sys.argv.index("exec") + 1:] if "exec" in sys.argv else []))
     models: dict = {}
     for spec_path, spec, raw in specs:
         try:
             run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress,
                               models=models)
-        except PlanError as exc:
-            _fail(_problems(spec_path, exc.problems), EXIT_SPEC)
-        except (CaptureError, ModelSettingError) as exc:
-            _fail(f"{spec_path}: {exc}", EXIT_SPEC)
-        except ModelUnavailable as exc:
-            _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+        except Exception as exc:
+            exc.spec_path = spec_path
+            raise
         if main_process:
             click.echo(str(run_dir))
 
@@ -189,14 +218,14 @@ def _launch(processes: int, args: list[str]) -> int:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_handled("run_dir")
 def report(run_dir: str) -> None:
-    """Re-render RUN_DIR's report from its files, without the model."""
+    """Re-render RUN_DIR's report from its files, without the model (refused if they changed since the run)."""
+    from . import store
     from .report import write_report
 
-    try:
-        click.echo(str(write_report(run_dir)))
-    except FileNotFoundError as exc:
-        _fail(f"error: {exc}", EXIT_SPEC)
+    store.check_status(run_dir, store.read_manifest(run_dir))
+    click.echo(str(write_report(run_dir)))
 
 
 @main.command()

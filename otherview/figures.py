@@ -313,6 +313,19 @@ def _noop(_: int) -> None:
     return None
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make a worker exit when the process that forked it dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
+        pass
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(0)
+
+
 def start_workers(n: int = 4) -> ProcessPoolExecutor | None:
     """Return a pool of ``n`` forked figure workers, started now; None where the OS cannot fork.
 
@@ -322,7 +335,8 @@ def start_workers(n: int = 4) -> ProcessPoolExecutor | None:
     n = min(n, os.cpu_count() or 1)
     if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
     list(pool.map(_noop, range(n)))  # fork every worker now, not when the figures are due
     return pool
 

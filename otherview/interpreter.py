@@ -10,13 +10,12 @@ leaves a run directory that says how far it got.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,32 +25,19 @@ import torch
 from . import analysis as analysis_mod
 from . import capture as capture_mod
 from . import distributed
+from . import checks, errors
 from . import figures
 from . import model as model_mod
 from . import report as report_mod
 from . import store
 from . import summary as summary_mod
+from .phases import Phases, interruptible, stop_point
 from .plan import Plan, PlanError, build_plan
 from .spec import Spec, spec_hash
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class Phases:
-    """Wall-clock seconds of each phase, in the order they ran."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, name: str, device: torch.device | None = None):
-        start = time.perf_counter()
-        yield
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.seconds[name] = round(time.perf_counter() - start, 4)
 
 
 @dataclass
@@ -112,8 +98,8 @@ def resolve_images(spec: Spec, spec_path: str) -> Spec:
     return spec.model_copy(update={"reference": ref})
 
 
-class NonFiniteError(RuntimeError):
-    """NaN or inf where values must be finite (reference image, activations)."""
+class NonFiniteError(errors.NonFiniteError):
+    """NaN or inf where values must be finite (reference image, activations): exit 3."""
 
 
 def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None):
@@ -313,6 +299,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
             on_batch(k + 1, out)
         if progress is not None:
             progress(f"probe batch {k + 1}/{n_batches}: passes {start + 1}-{start + real} of {len(plan.passes)}")
+        if on_batch is not None:
+            stop_point(f"probe:{k + 1}")
     return out
 
 
@@ -364,63 +352,126 @@ def pass_rows(plan: Plan) -> list[dict]:
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
-            loaded: model_mod.LoadedModel | None = None, workers=None,
-            models: dict | None = None) -> Path:
+            loaded: model_mod.LoadedModel | None = None, workers=None, models: dict | None = None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
+    Every check that needs no weights runs first (``checks.preflight``: all problems in one error).
     ``loaded`` reuses a model already built or loaded from the spec's source (benchmarks and tests
-    run several specs on one model); otherwise the model is loaded here, or taken from ``models``
-    (a dict by source that this call fills: several specs of one invocation share their model).
+    run several specs on one model); otherwise the model is loaded here, or taken from ``models`` (a
+    dict by source that this call fills: the specs of one invocation share their model).
     ``workers`` reuses a figure pool from ``figures.start_workers`` (start it before loading a
-    model: forking is then cheap). Under ``accelerate launch`` every process calls this; the probe
+    model: forking is then cheap). Under ``accelerate launch`` every process calls this: the probe
     batches are shared and only the main process writes (see ``otherview.distributed``).
     """
-    say = progress or (lambda msg: log.info(msg))
-    if model_override:
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": model_override})})
     ctx = distributed.context(spec.model.device)
     if ctx.world > 1:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": str(ctx.device)})})
-        if not ctx.is_main:
-            say = lambda msg: None  # noqa: E731  (one voice: the main process's)
-    spec = resolve_images(spec, spec_path)
-    model_mod.check_attention_backend(spec.runtime.attention_backend)  # before minutes of loading
-    arch = model_mod.architecture(spec.model.source)
-    plan = build_plan(spec, arch)
+    spec, plan = checks.preflight(spec, spec_path, model_override, out_dir)
     device = model_mod.resolve_device(spec.model.device)
     if loaded is None and models is not None:
         loaded = models.get(spec.model.source)
-    if not ctx.is_main:
+    if not ctx.is_main:  # a worker: its share of the probes, sent to the main process, which writes
         run_dir = Path(ctx.broadcast(None))
-        loaded = _execute(plan, device, run_dir, {"model": {}}, Phases(), say, loaded, None, ctx)
+        _, loaded = _phase_probe(plan, device, run_dir, {"model": {}}, Phases(), lambda msg: None, loaded, ctx)
         if models is not None:
             models[spec.model.source] = loaded
         return run_dir
     run_dir = store.new_run_dir(out_dir or spec.output.dir, spec.experiment.name)
     ctx.broadcast(str(run_dir))
-    phases = Phases()
-    manifest = {"status": "running", "started": store.now(), "spec_path": spec_path, "spec_text": raw_text,
-                "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec), "random_weights": arch.random_weights,
+    manifest = {"status": "running", "started": store.now(), "process": store.process_id(), "phase": None,
+                "phases_done": [], "spec_path": spec_path, "spec_text": raw_text,
+                "spec_text_sha256": hashlib.sha256(raw_text.encode()).hexdigest(),
+                "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec),
+                "random_weights": plan.arch.random_weights, "model_override": model_override,
                 "model": {"source": spec.model.source},
                 "seeds": {"reference": [sc.seed for sc in plan.design.scenes], "probe": plan.design.seeds,
                           "null": spec.null.seed},
                 "resolution": [plan.height, plan.width], "resolution_note": plan.resolution_note,
+                "inputs": {sc.image: store.sha256_file(Path(sc.image)) for sc in plan.design.scenes if sc.image},
+                "fingerprints": {"model": store.model_fingerprint(spec.model.source), "code": store.code_fingerprint()},
                 "versions": store.versions(), "git_sha": store.git_sha(), "device": store.device_info(device),
-                "phases": phases.seconds}
+                "processes": ctx.world, "phases": {}}
     store.write_json(run_dir / "manifest.json", manifest)
     store.write_csv(run_dir / "passes.csv", pass_rows(plan))
-    say(f"run directory {run_dir}")
-    own_workers = workers is None
-    if own_workers:
-        workers = figures.start_workers()  # forked now, while this process is still small
-    manifest["processes"] = ctx.world
+    (progress or log.info)(f"run directory {run_dir}")
+    return _run(plan, device, run_dir, manifest, progress, loaded, workers, ctx, models)
+
+
+def resume(run_dir: str | Path, raw_text: str | None = None, progress: Progress | None = None,
+           loaded: model_mod.LoadedModel | None = None, workers=None) -> Path:
+    """Continue an interrupted or failed run in ``run_dir`` from its last finished phase and probe batch.
+
+    Refused (``RunDirError``) when the run is complete or still running, when ``raw_text`` (the spec
+    given again) differs from the recorded one, or when the model, the reference image files or the
+    code that produced its checkpoints differ from those recorded: results are then bitwise those of
+    an uninterrupted run (on the CPU; on CUDA, to its own determinism).
+    """
+    run_dir = Path(run_dir)
+    manifest = store.read_manifest(run_dir)
+    fail = lambda msg: errors.RunDirError(msg, source=str(run_dir))  # noqa: E731
+    status = manifest["status"]
+    if status == "complete":
+        raise fail("the run is already complete: nothing to resume (`otherview report` re-renders its report)")
+    if status == "running" and store.process_alive(manifest.get("process")) is not False:
+        raise fail(f"the run is still running (process {manifest.get('process', {}).get('pid')}) or on another host")
     try:
-        loaded = _execute(plan, device, run_dir, manifest, phases, say, loaded, workers, ctx)
-        if models is not None:
-            models[spec.model.source] = loaded
+        text = manifest["spec_text"]
+        if hashlib.sha256(text.encode()).hexdigest() != manifest["spec_text_sha256"]:
+            raise fail("manifest.json: the recorded spec text does not match its hash")
+        spec = Spec.model_validate(manifest["spec"])
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, errors.RunDirError):
+            raise
+        raise fail(f"manifest.json does not hold a resumable run ({type(exc).__name__}: {exc})") from None
+    if spec_hash(spec) != manifest.get("spec_hash"):
+        raise fail("manifest.json: the recorded spec does not match its hash (edited?)")
+    if raw_text is not None and raw_text != text:
+        raise fail("the spec given differs from the one this run was made from; resume without it, or start a new run")
+    for image, digest in (manifest.get("inputs") or {}).items():
+        if not Path(image).is_file() or store.sha256_file(Path(image)) != digest:
+            raise fail(f"the reference image '{image}' changed or is gone since the run started")
+    fingerprints = manifest.get("fingerprints") or {}
+    if fingerprints.get("model") != store.model_fingerprint(spec.model.source):
+        raise fail(f"the model '{spec.model.source}' differs from the one that made this run's checkpoints")
+    if fingerprints.get("code") != store.code_fingerprint():
+        raise fail("otherview's code or its torch/diffusers versions differ from those that made this run's "
+                   "checkpoints: results would not match an uninterrupted run; start a new run")
+    arch, problems = checks.with_text_encoder_layers(spec, model_mod.architecture(spec.model.source))
+    checks.raise_problems(problems, manifest.get("spec_path", str(run_dir)))
+    plan = build_plan(spec, arch)
+    device = model_mod.resolve_device(spec.model.device)
+    manifest.setdefault("resumed", []).append({"at": store.now(), "from_status": status,
+                                               "from_phase": manifest.get("phase"),
+                                               "phases_done": list(manifest.get("phases_done", []))})
+    manifest.update(status="running", process=store.process_id(), error=None, finished=None)
+    store.write_json(run_dir / "manifest.json", manifest)
+    (progress or log.info)(f"resuming {run_dir} after phases {', '.join(manifest.get('phases_done', [])) or 'none'}")
+    return _run(plan, device, run_dir, manifest, progress, loaded, workers)
+
+
+def _run(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, progress: Progress | None,
+         loaded: model_mod.LoadedModel | None, workers, ctx: distributed.Context | None = None,
+         models: dict | None = None) -> Path:
+    """Run the phases not yet done, keeping the manifest's status honest whatever ends the run."""
+    say = progress or (lambda msg: log.info(msg))
+    phases = Phases(manifest.setdefault("phases", {}), manifest, run_dir)
+    own_workers = workers is None
+    try:
+        with interruptible():
+            if own_workers:
+                workers = figures.start_workers()  # forked now, while this process is still small
+            loaded = _execute(plan, device, run_dir, manifest, phases, say, loaded, workers, ctx)
+            if models is not None and loaded is not None:
+                models[plan.spec.model.source] = loaded
     except BaseException as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=store.now())
+        interrupted = isinstance(exc, (errors.Interrupted, KeyboardInterrupt))
+        manifest.update(status="interrupted" if interrupted else "failed", finished=store.now(),
+                        error=str(exc) if isinstance(exc, errors.OtherviewError) else f"{type(exc).__name__}: {exc}")
         store.write_json(run_dir / "manifest.json", manifest)
+        try:
+            exc.run_dir = run_dir  # the CLI names it
+        except AttributeError:
+            pass
         raise
     finally:
         if own_workers and workers is not None:
@@ -429,13 +480,18 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
 
 
 def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Progress, device) -> list:
+    from PIL import Image
+
     spec, images = plan.spec, []
+    names = ["reference.png" if len(plan.design.scenes) == 1 else f"reference-{sc.name}.png" for sc in plan.design.scenes]
+    if phases.done("reference") and all((run_dir / n).is_file() for n in names):
+        # A resumed run: the saved PNGs are the 8-bit images the probes were conditioned on.
+        return [Image.open(run_dir / n).convert("RGB") for n in names]
     with phases("reference", device):
-        for scene in plan.design.scenes:
+        for scene, name in zip(plan.design.scenes, names):
             say(f"reference image {scene.name}" + (f": {spec.reference.steps} steps, guidance "
                                                    f"{spec.reference.guidance_scale}" if scene.prompt else f": {scene.image}"))
             image = generate_reference(loaded, plan, scene)
-            name = "reference.png" if len(plan.design.scenes) == 1 else f"reference-{scene.name}.png"
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             store.atomic_write_bytes(run_dir / name, buf.getvalue())
@@ -448,7 +504,7 @@ def _phase_statistics(plan: Plan, rms: np.ndarray, phases: Phases, say: Progress
         return analysis_mod.analyse(plan.design, rms, device, progress=say)
 
 
-def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases) -> None:
+def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases, manifest: dict) -> None:
     with phases("write"):
         arrays = {"rms": rms}
         nulls, infs, meta = {}, {}, {}
@@ -473,18 +529,34 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
         summary = summary_mod.summarise(plan, results)
         summary["random_weights"] = plan.arch.random_weights
         store.write_json(run_dir / "summary.json", summary)
+        manifest.update(null={r.key: {"method": r.null.method, "exact": r.null.exact, "flips": int(r.null.result.n_flips)}
+                              for r in results.contrasts})
+        store.seal(run_dir, manifest)  # from here on, report refuses files that no longer match
 
 
-def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
-             loaded: model_mod.LoadedModel | None, workers=None,
-             ctx: distributed.Context | None = None) -> model_mod.LoadedModel:
-    """Run the phases; return the model (for the next spec of the invocation). Workers stop after the probes."""
+def _checkpoint(run_dir: Path, plan: Plan, batch_size: int) -> tuple[np.ndarray, int]:
+    """Return the per-pass array with the rows of the finished probe batches filled in, and their count."""
+    out = np.zeros((plan.design.n_rows, plan.n_units), dtype=np.float32)
+    path = run_dir / "rms.safetensors"
+    if not path.exists():
+        return out, 0
+    meta = store.tensors_metadata(path)
+    if int(meta.get("batch_size", batch_size)) != batch_size or "batches_done" not in meta:
+        raise errors.RunDirError(f"rms.safetensors was checkpointed in batches of {meta.get('batch_size')}, the "
+                                 f"manifest says {batch_size}", source=str(run_dir))
+    rms = store.read_tensors(path)["rms"]
+    out[: rms.shape[0]] = rms
+    return out, int(meta["batches_done"])
+
+
+def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded):
     spec = plan.spec
-    ctx = ctx or distributed.Context()
     if loaded is None:
         with phases("load_model", device):
             say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
             loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
+        if plan.arch.text_encoder_out_layers != loaded.arch.text_encoder_out_layers:
+            loaded.arch = plan.arch  # the spec's model.text_encoder_out_layers
     manifest["model"].update(loaded.info)
     model_mod.set_attention_backend(loaded, spec.runtime.attention_backend)
     if device.type == "cuda":
@@ -492,7 +564,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     compiled = use_compile(spec.runtime.compile, device)
     if compiled:
         model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
-        if any(sc.prompt is not None for sc in plan.design.scenes):
+        if any(sc.prompt is not None for sc in plan.design.scenes) and not phases.done("reference"):
             # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
             prompt = next(sc.prompt for sc in plan.design.scenes if sc.prompt is not None)
             with phases("compile", device):
@@ -500,6 +572,19 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                 loaded.pipe(prompt=prompt, height=plan.height, width=plan.width, num_inference_steps=1,
                             guidance_scale=spec.reference.guidance_scale, output_type="latent",
                             max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
+    return loaded, compiled
+
+
+def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phases, say: Progress, loaded,
+                 ctx: distributed.Context | None = None):
+    """Return the per-pass values and the loaded model: reference, encoding and probe batches.
+
+    Under accelerate this process runs its share of the batches; the main process gets every row
+    (``_gather_probes``), a worker gets None.
+    """
+    spec = plan.spec
+    ctx = ctx or distributed.Context()
+    loaded, compiled = _load_model(plan, device, manifest, phases, say, loaded)
     if ctx.is_main:
         images = _phase_reference(loaded, plan, run_dir, phases, say, device)
         ctx.broadcast(distributed.images_to_bytes(images) if ctx.world > 1 else None)
@@ -507,8 +592,9 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         images = distributed.images_from_bytes(ctx.broadcast(None))
     with phases("encode", device):
         inputs = prepare_probe_inputs(loaded, plan, images)
-    batch_size = plan.batch_size or auto_batch_size(plan, device)
+    batch_size = manifest.get("batch_size") or plan.batch_size or auto_batch_size(plan, device)
     manifest["batch_size"] = batch_size
+    rms, start = _checkpoint(run_dir, plan, batch_size) if phases.done("encode") else (None, 0)
     buffer = torch.zeros((batch_size, 1, plan.n_units), dtype=torch.float32, device=device)
 
     def checkpoint(done_batches: int, rms: np.ndarray) -> None:
@@ -523,6 +609,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
                            "attention_backend": spec.runtime.attention_backend,
                            "capture_kernel": spec.runtime.capture_kernel}
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
+        + (f", resuming after batch {start}" if start else "")
         + (", torch.compile (the first batch compiles)" if compiled else ""))
     side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
@@ -541,24 +628,32 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         if ctx.world > 1:
             say(f"{ctx.world} processes: this one runs {len(mine)} of {n_batches} batches")
         with phases("probe", device):
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say, batches=mine)
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say,
+                             start_batch=start, out=rms, batches=mine)
     if ctx.world > 1:
         with phases("gather"):  # waits for the slowest process: probe + gather is the parallel probe time
             rms = _gather_probes(ctx, plan, rms, batch_size, n_batches)
-        if not ctx.is_main:
-            return loaded
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed
-    del inputs, buffer
-    results = _phase_statistics(plan, rms, phases, say, device)
-    _phase_write(plan, rms, results, run_dir, phases)
-    nulls = {r.key: {"method": r.null.method, "exact": r.null.exact, "flips": int(r.null.result.n_flips)}
-             for r in results.contrasts}
-    manifest.update(null=nulls)
-    store.write_json(run_dir / "manifest.json", manifest)
+    return rms, loaded
+
+
+def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
+             loaded: model_mod.LoadedModel | None, workers=None, ctx: distributed.Context | None = None):
+    """Run the phases a run directory does not have yet: probes (model), statistics and arrays, report.
+
+    Return the model (None when none was needed), for the next spec of the invocation.
+    """
+    if not phases.done("write"):
+        if phases.done("probe"):
+            rms = store.read_tensors(run_dir / "rms.safetensors")["rms"]
+        else:
+            rms, loaded = _phase_probe(plan, device, run_dir, manifest, phases, say, loaded, ctx)
+        results = _phase_statistics(plan, rms, phases, say, device)
+        _phase_write(plan, rms, results, run_dir, phases, manifest)
     with phases("report"):
         report_mod.write_report(run_dir, workers)
+    stop_point("complete")
     manifest.update(status="complete", finished=store.now())
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"report: {run_dir / 'report.md'}")

@@ -108,18 +108,26 @@ def _from_folder(folder: Path, source: str) -> Architecture:
     except FileNotFoundError:
         raise ModelUnavailable(f"'{source}' is a folder but holds no transformer/config.json: is it a "
                                "pipeline saved with save_pretrained?") from None
-    text_encoder = _optional(folder / "text_encoder" / "config.json")
-    meta = _optional(folder / MARKER)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"'{source}': transformer/config.json is not a readable JSON config ({exc})") from None
+    try:
+        text_encoder = _optional(folder / "text_encoder" / "config.json")
+        meta = _optional(folder / MARKER)
+        if not isinstance(transformer, dict) or "joint_attention_dim" not in transformer:
+            raise ValueError("transformer/config.json has no joint_attention_dim: not a FLUX.2 transformer config")
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"'{source}': {exc}") from None
     try:
         pipeline_class, distilled = pipeline_of(_optional(folder / "model_index.json"))
-    except ArchitectureError as exc:
-        raise ModelUnavailable(f"'{source}': {exc}") from None
-    layers = meta.get("text_encoder_out_layers") or text_encoder_layers(text_encoder, transformer["joint_attention_dim"])
-    return Architecture(
-        source=source, transformer=transformer, text_encoder_out_layers=tuple(layers),
-        random_weights=bool(meta.get("random_weights", False)), resolution=meta.get("resolution"),
-        vae_scale_factor=vae_scale(_optional(folder / "vae" / "config.json")), pipeline_class=pipeline_class,
-        distilled=distilled, text_encoder=text_encoder, description=meta.get("description", ""))
+        layers = meta.get("text_encoder_out_layers") or text_encoder_layers(text_encoder, transformer["joint_attention_dim"])
+        return Architecture(
+            source=source, transformer=transformer, text_encoder_out_layers=tuple(layers),
+            random_weights=bool(meta.get("random_weights", False)) or _weights_random(folder),
+            resolution=meta.get("resolution"),
+            vae_scale_factor=vae_scale(_optional(folder / "vae" / "config.json")), pipeline_class=pipeline_class,
+            distilled=distilled, text_encoder=text_encoder, description=meta.get("description", ""))
+    except (ArchitectureError, OSError, ValueError, TypeError, KeyError) as exc:  # a broken config, not a bug
+        raise ModelUnavailable(f"'{source}': its configs are not a FLUX.2 Klein pipeline's ({exc})") from None
 
 
 def architecture(source: str) -> Architecture:
@@ -255,7 +263,43 @@ def save_builtin(name: str, path: str | os.PathLike, seed: int = 0) -> Path:
     meta["random_weights"] = True
     meta["built_from"] = BUILTIN_PREFIX + name
     (path / MARKER).write_text(json.dumps(meta, indent=2))
+    for weights in sorted(path.glob("*/*.safetensors")):  # provenance that survives losing the marker
+        _add_weights_metadata(weights, {WEIGHTS_KEY: BUILTIN_PREFIX + name})
     return path
+
+
+WEIGHTS_KEY = "otherview_random_weights"  # safetensors metadata of saved random weights: the built-in's name
+
+
+def _add_weights_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add ``extra`` to a safetensors file's metadata in place, rewriting its header only (no tensor is loaded)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            while block := f.read(1 << 24):
+                out.write(block)
+    os.replace(tmp, path)
+
+
+def _weights_random(folder: Path) -> bool:
+    """Return whether any saved weights in a pipeline folder say they are otherview's random weights."""
+    for weights in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with open(weights, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < 1 << 26:
+                    continue
+                if WEIGHTS_KEY in json.loads(f.read(n)).get("__metadata__", {}):
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable weights are from_pretrained's to report
+    return False
 
 
 def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:

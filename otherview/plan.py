@@ -8,6 +8,8 @@ reference) is ``architectures``' knowledge; this module turns it into sites, uni
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from .architectures import (Architecture, ArchitectureError, CandidateSite, TokenCounts, reference_count_problem,
@@ -310,11 +312,14 @@ def describe(plan: Plan, prompts: bool = False) -> str:
         lines.append(f"    {site.name}: width {site.width}, units {site.unit_offset}..{site.unit_offset + site.n_units - 1}, "
                      f"tokens {site.segment[0]}..{site.segment[1]} of {site.tokens}")
     f = plan.flips
+    exact = f"{f['exact_flips']:,}" if f['exact_flips'] < 2**63 else f"{float(f['pairs'] - 1) * 0.30103:.0f}-digit number of"
     lines.append(f"null: sign-flip over items, method {f['method']}: exact = 2^{max(f['pairs'] - 1, 0)} = "
-                 f"{f['exact_flips']:,} flips, random = {f['random_flips']:,} flips (seed {s.null.seed}); thresholds "
+                 f"{exact} flips, random = {f['random_flips']:,} flips (seed {s.null.seed}); thresholds "
                  f"|t| > {', '.join(f'{c:g}' for c in s.null.thresholds)}; quantile {s.null.quantile:g}; alpha "
                  f"{s.null.alpha:g}")
-    lines.append(f"unit-flips (exact, per analysis): {f['exact_flips'] * plan.n_units:.3g}")
+    # 2^(N-1) x U overflows a float from N ~ 1,000 fillers: print it from its logarithm
+    log10 = max(f['pairs'] - 1, 0) * math.log10(2) + math.log10(max(plan.n_units, 1))
+    lines.append(f"unit-flips (exact, per analysis): {10 ** (log10 % 1):.3g}e+{int(log10):02d}")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     if prompts:

@@ -394,21 +394,31 @@ def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figu
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, workers=None) -> Path:
+def write_report(run_dir: str | Path, workers=None, verify: bool = True) -> Path:
     """Render ``report.md`` and its figures in ``run_dir`` from the files already there; return its path.
 
     ``workers`` is a pool from ``figures.start_workers`` (forked early by ``exec``); without one the
-    figures get a pool of their own.
+    figures get a pool of their own. ``verify`` first checks the run's recorded hashes
+    (``store.verify_run``): a run directory edited or corrupted since it was written is refused
+    with ``RunDirError``, never reported.
     """
+    from .errors import RunDirError
+
     run_dir = Path(run_dir)
-    for name in ("manifest.json", "summary.json", "rms.safetensors", "null.safetensors"):
+    manifest = store.read_manifest(run_dir)
+    for name in ("summary.json", "rms.safetensors", "null.safetensors"):
         if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir}: no {name}; is this a completed run directory of this otherview "
-                                    "version? (re-run `otherview exec` to write one)")
-    manifest, summary = store.read_json(run_dir / "manifest.json"), store.read_json(run_dir / "summary.json")
+            raise RunDirError(f"no {name}; is this a completed run directory of this otherview version? (re-run "
+                              "`otherview exec` to write one)", source=str(run_dir))
+    if verify:
+        store.verify_run(run_dir, manifest)
+    try:
+        summary = store.read_json(run_dir / "summary.json")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"summary.json is corrupt ({exc})", source=str(run_dir)) from None
     if not isinstance(summary, dict) or "analyses" not in summary:
-        raise FileNotFoundError(f"{run_dir}: summary.json predates this otherview version's designs; re-run "
-                                "`otherview exec`")
+        raise RunDirError("summary.json predates this otherview version's designs; re-run `otherview exec`",
+                          source=str(run_dir))
     figures = figures_mod.write_figures(run_dir, manifest, summary, workers)
     store.atomic_write_text(run_dir / "report.md", render(manifest, summary, figures))
     return run_dir / "report.md"

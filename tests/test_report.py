@@ -31,7 +31,8 @@ def _write_run(run_dir, plan, rms, random_weights=True):
                 "resolution_note": plan.resolution_note, "versions": {"torch": "x", "diffusers": "y", "numpy": "z"},
                 "git_sha": "abc", "device": {"device": "cuda", "gpu": "NVIDIA H100"}, "phases": {"probe": 1.0}}
     store.write_json(run_dir / "manifest.json", manifest)
-    _phase_write(plan, rms, results, run_dir, Phases())
+    _phase_write(plan, rms, results, run_dir, Phases(), manifest)  # records the files' hashes in the manifest
+    store.write_json(run_dir / "manifest.json", manifest)
     res = results.contrasts[0]
     return res.d, res.t, res.inf
 
@@ -158,19 +159,23 @@ def test_trained_weights_have_no_banner(klein_run, tmp_path):
     manifest = store.read_json(run_dir / "manifest.json")
     manifest.update(random_weights=False, model={"source": "black-forest-labs/FLUX.2-klein-base-4B"})
     store.write_json(tmp_path / "manifest.json", manifest)
-    text = report.write_report(tmp_path).read_text()
+    text = report.write_report(tmp_path, verify=False).read_text()  # verified, the edit would be refused
     assert "RANDOM WEIGHTS" not in text and "trained weights" in text
 
 
 def test_incomplete_or_old_run_directories_say_so(klein_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    from otherview.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="no manifest.json"):
         report.write_report(tmp_path)
     run_dir = klein_run[0]
     for name in ("manifest.json", "rms.safetensors", "null.safetensors"):
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     (tmp_path / "summary.json").write_text(json.dumps({"card_table": []}))
-    with pytest.raises(FileNotFoundError, match="predates this otherview version"):
+    with pytest.raises(RunDirError, match=r"missing \(the manifest records it\)|does not match its recorded"):
         report.write_report(tmp_path)
+    with pytest.raises(RunDirError, match="predates this otherview version"):
+        report.write_report(tmp_path, verify=False)
 
 
 def test_exec_writes_the_inference_files(tmp_path):

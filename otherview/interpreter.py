@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import capture as capture_mod
+from . import compiling
 from . import figures
 from . import inference
 from . import model as model_mod
@@ -211,7 +212,7 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
 
 
 def use_compile(setting: str, device: torch.device) -> bool:
-    """Return whether to ``torch.compile`` the transformer ("auto": on CUDA only)."""
+    """Return whether compiling is allowed at all ("auto": on CUDA only; ``compiling.decide`` says whether it pays)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
@@ -286,17 +287,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     model_mod.set_attention_backend(loaded, spec.runtime.attention_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compiled = use_compile(spec.runtime.compile, device)
-    if compiled:
-        model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
-        if spec.reference.prompt is not None:
-            # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
-            with phases("compile", device):
-                say("torch.compile: the reference generation's graph")
-                loaded.pipe(prompt=spec.reference.prompt, height=plan.height, width=plan.width, num_inference_steps=1,
-                            guidance_scale=spec.reference.guidance_scale, output_type="latent",
-                            max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
-    with phases("reference", device):
+    with phases("reference", device), compiling.eager():  # eager: see compiling.decide
         say("reference image" + (f": {spec.reference.steps} steps, guidance {spec.reference.guidance_scale}"
                                  if spec.reference.prompt else f": {spec.reference.image}"))
         image = generate_reference(loaded, plan)
@@ -311,23 +302,26 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     def checkpoint(done: int, rms: np.ndarray) -> None:
         store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[:done]}, {"passes_done": str(done)})
 
+    decision = compiling.decide_for_plan(plan, spec.runtime.compile, device, batch_size, spec.runtime.compile_backend)
+    compiled = decision.compile
+    if compiled:
+        model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
+    say(f"compile: {decision.reason}")
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
+                           "compile_decision": decision.record(),
                            "attention_backend": spec.runtime.attention_backend,
                            "capture_kernel": spec.runtime.capture_kernel}
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
-        + (", torch.compile (the first batch compiles)" if compiled else ""))
+        + (", compiled blocks (the first batch compiles)" if compiled else ""))
     side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
-        if compiled:
-            # One-time cost, timed apart: trace and compile the probe graph on the first batch (its
-            # results are discarded; the probe phase recomputes it with the compiled graph).
-            with phases("compile_probe", device):
-                say("torch.compile: the probe graph")
-                run_probes(loaded, plan, inputs, cap, batch_size, max_batches=1)
+        clock = compiling.BatchClock()  # the first batch compiles: its extra time is the compile's
         with phases("probe", device):
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say)
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=clock.wrap(checkpoint), progress=say)
+        clock.finish(decision)
+        manifest["runtime"]["compile_decision"] = decision.record()
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed

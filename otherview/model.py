@@ -297,18 +297,13 @@ def _from_pretrained(source: str, dtype: torch.dtype):
 
 
 def compile_transformer(loaded: LoadedModel, backend: str = "inductor") -> None:
-    """Compile ``loaded``'s transformer in place with ``torch.compile`` (once per loaded model).
+    """Compile ``loaded``'s transformer in place: its repeated blocks (regional), see ``otherview.compiling``."""
+    from .compiling import compile_blocks
 
-    In place (``nn.Module.compile``), so the pipeline's own calls (the reference image) and the probe
-    passes both run compiled. Static shapes: each distinct input shape (the reference's, the probe
-    batch's) compiles one graph, and probe batches all have one shape (the last is padded). Capture
-    hooks on submodules are traced into the probe graph.
-    """
-    if loaded.cache.get("compiled") is None:
-        loaded.pipe.transformer.compile(dynamic=False, backend=backend)
-        loaded.cache["compiled"] = backend
-    elif loaded.cache["compiled"] != backend:
-        raise ModelSettingError(f"runtime.compile_backend: this model was already compiled with '{loaded.cache['compiled']}'")
+    try:
+        loaded.cache["compiled"] = (backend, compile_blocks(loaded.pipe.transformer, backend))
+    except ValueError as exc:
+        raise ModelSettingError(str(exc)) from None
 
 
 def check_attention_backend(name: str) -> None:

@@ -292,13 +292,33 @@ class BatchClock:
         _write_marker(decision, seconds)
 
 
-def release() -> None:
-    """Stop inductor's compile workers (subprocesses) so nothing outlives the run; safe without any."""
+_RELEASING: "threading.Thread | None" = None
+
+
+def release(background: bool = False, wait: float = 0.5) -> None:
+    """Stop inductor's compile workers (subprocesses) so that nothing outlives the run.
+
+    inductor keeps a pool of compile-worker processes once it has compiled anything, and stopping
+    it waits for each worker to exit. ``background=True`` starts that in a thread and returns (the
+    interpreter calls it right after the probe phase, so the wait overlaps the statistics and the
+    report); otherwise it waits at most ``wait`` seconds: the workers have been told to stop by
+    then and leave on their own. Does nothing where inductor was never imported.
+    """
+    global _RELEASING
     if "torch._inductor.async_compile" not in sys.modules:
         return  # never compiled: importing inductor now would only cost time
-    try:
-        from torch._inductor.async_compile import shutdown_compile_workers
+    if _RELEASING is None:
+        import threading
 
-        shutdown_compile_workers()
-    except Exception as exc:  # never let cleanup hide the run's own result
-        log.debug("shutting down compile workers: %s", exc)
+        def stop() -> None:
+            try:
+                from torch._inductor.async_compile import shutdown_compile_workers
+
+                shutdown_compile_workers()
+            except Exception as exc:  # never let cleanup hide the run's own result
+                log.debug("shutting down compile workers: %s", exc)
+
+        _RELEASING = threading.Thread(target=stop, name="otherview-release", daemon=True)
+        _RELEASING.start()
+    if not background:
+        _RELEASING.join(wait)

@@ -322,6 +322,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
             rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=clock.wrap(checkpoint), progress=say)
         clock.finish(decision)
         manifest["runtime"]["compile_decision"] = decision.record()
+        compiling.release(background=True)  # no compile after this: stop inductor's workers meanwhile
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     store.write_json(run_dir / "manifest.json", manifest)  # the GPU work is done and checkpointed

@@ -275,7 +275,7 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
         log.info("building %s with random weights on %s (%s)", source, dev, dt)
         pipe = build_builtin(source[len(BUILTIN_PREFIX):], dtype=dt, device=dev)
     else:
-        pipe = _from_pretrained(source, dt).to(dev)
+        pipe = _from_pretrained(source, dt, dev).to(dev)
         pipe.set_progress_bar_config(disable=True)
     info = {"source": source, "random_weights": arch.random_weights, "dtype": str(dt).replace("torch.", ""),
             "device": str(dev), "parameters": {name: sum(p.numel() for p in m.parameters())
@@ -285,15 +285,35 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     return LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype):
+def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | None = None):
+    """Return the pipeline saved in ``source``, its weights read straight onto ``device`` where that is CUDA.
+
+    ``device_map="cuda"`` makes diffusers and transformers read each safetensors file into device
+    memory as it is loaded, instead of building the pipeline in host memory and copying all of it
+    with ``.to(device)`` afterwards (a second pass over ~16 GB for Klein 4B). The device map is
+    cleared afterwards: everything is on one device, so the pipeline's own ``.to`` stays usable.
+    """
     from diffusers import Flux2KleinPipeline
 
+    kwargs = {}
+    if device is not None and device.type == "cuda" and device.index in (None, torch.cuda.current_device()):
+        try:
+            import accelerate  # noqa: F401  (diffusers' device_map needs it)
+
+            kwargs["device_map"] = "cuda"
+        except ImportError:
+            log.info("accelerate is not installed: loading on the host, then moving to %s", device)
     try:
-        return Flux2KleinPipeline.from_pretrained(source, dtype=dtype)
+        pipe = Flux2KleinPipeline.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None
         raise ModelUnavailable(_unavailable_message(source)) from None
+    if kwargs:
+        if any(hasattr(m, "_hf_hook") for m in pipe.components.values()):
+            pipe.remove_all_hooks()
+        pipe.hf_device_map = None  # one device: no dispatch hooks to keep, and .to() works again
+    return pipe
 
 
 def compile_transformer(loaded: LoadedModel, backend: str = "inductor") -> None:

@@ -142,7 +142,7 @@ def _time_null(run_dir: str, spec, device) -> dict:
     """Return the exact null's time on a finished run's differences (median of three, after a warm-up)."""
     d = store.read_tensors(Path(run_dir) / "rms.safetensors")["d"]
     times = []
-    for _ in range(4):
+    for _ in range(3):
         _sync(device)
         start = time.perf_counter()
         res = stats.sign_flip_null(d, spec.null.thresholds, "exact", spec.null.flips, spec.null.seed,

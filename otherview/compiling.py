@@ -250,6 +250,17 @@ def eager():
         yield
 
 
+def probe_stance(decision: CompileDecision):
+    """Return the context the probe passes run in: eager where the decision is not to compile.
+
+    Matters where a model is reused across runs (benchmarks, tests): blocks compiled by an earlier
+    run stay compiled in place, and a run that decided against compiling must not use them.
+    """
+    from contextlib import nullcontext
+
+    return nullcontext() if decision.compile else eager()
+
+
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
 

@@ -318,7 +318,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
         clock = compiling.BatchClock()  # the first batch compiles: its extra time is the compile's
-        with phases("probe", device):
+        with phases("probe", device), compiling.probe_stance(decision):
             rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=clock.wrap(checkpoint), progress=say)
         clock.finish(decision)
         manifest["runtime"]["compile_decision"] = decision.record()

@@ -8,9 +8,9 @@ left() { echo $(( ${1} - ($(date +%s) - T0) )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OTHERVIEW_GIT_SHA=${OTHERVIEW_GIT_SHA:-speed}
 python3 - <<'PY' > $OUT/setup.log 2>&1
 import glob, importlib.util, subprocess, sys
-always = ("diffusers", "pydantic", "pydantic_core", "annotated_types", "typing_inspection", "click")
+always = ("diffusers", "pydantic", "pydantic_core", "annotated_types", "typing_inspection", "click", "typing_extensions")
 mods = {"matplotlib": "matplotlib", "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools",
-        "kiwisolver": "kiwisolver", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six"}
+        "kiwisolver": "kiwisolver", "pyparsing": "pyparsing", "python_dateutil": "dateutil", "six": "six", "importlib_metadata": "importlib_metadata", "zipp": "zipp"}
 pick = []
 for w in sorted(glob.glob(".whl/*.whl")):
     name = w.split("/")[-1].split("-")[0].lower()

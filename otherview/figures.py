@@ -279,18 +279,46 @@ def _noop(_: int) -> None:
     return None
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that forked it ends, however it ends.
+
+    A forked worker inherits both ends of the pool's pipes, so it would never see them close if
+    the parent died without shutting the pool down (killed, or ``os._exit``); Linux's parent-death
+    signal ends it instead. Elsewhere the pool's normal shutdown is all there is.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the signal was armed
+        os._exit(0)
+
+
 def start_workers(n: int = 4) -> ProcessPoolExecutor | None:
     """Return a pool of ``n`` forked figure workers, started now; None where the OS cannot fork.
 
     ``exec`` starts them before the model loads: forking a small process is quick, forking one that
-    holds a GPU context and gigabytes of weights takes seconds. Workers only draw numpy arrays.
+    holds a GPU context and gigabytes of weights takes seconds. Workers only draw numpy arrays, and
+    none outlives the process that started it (see ``_die_with_parent``); stop them with
+    :func:`stop_workers`.
     """
     n = min(n, os.cpu_count() or 1)
     if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
     list(pool.map(_noop, range(n)))  # fork every worker now, not when the figures are due
     return pool
+
+
+def stop_workers(pool: ProcessPoolExecutor | None) -> None:
+    """Stop ``pool``'s workers and wait for them (they are idle once the figures are drawn: milliseconds)."""
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _draw_all(jobs: list, workers: ProcessPoolExecutor | None = None) -> list[str]:

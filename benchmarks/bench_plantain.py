@@ -194,6 +194,19 @@ def processes(args) -> None:
                "--compile", setting]
         emit(_exec_row(base, variant, *_run_process(cmd, env, args.timeout)))
     done = [r for r in rows if r.get("run_dir")]
+    eager = next((r for r in done if not (r.get("compile") or {}).get("compile")), None)
+    if eager is not None:
+        # Cross-path check: compiled capture (per-site buffer views inside the block graphs) vs eager.
+        want = store.read_tensors(Path(eager["run_dir"]) / "rms.safetensors")["rms"].astype(np.float64)
+        for r in done:
+            got = store.read_tensors(Path(r["run_dir"]) / "rms.safetensors")["rms"]
+            rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+            r["rms_vs_eager"] = {"median_rel": float(np.median(rel)), "p99_rel": float(np.quantile(rel, 0.99))}
+            print(f"{r['variant']}: rms vs eager run {eager['variant']}: {r['rms_vs_eager']}", flush=True)
+            if out:
+                with open(out, "a") as f:
+                    f.write(json.dumps({**base, "provider": "cross-path check", "variant": r["variant"],
+                                        "vs": eager["variant"], **r["rms_vs_eager"]}) + "\n")
     if done and device.type == "cuda":
         emit({**base, **_time_null(done[-1]["run_dir"], spec, device)})
     naive = next((r for r in rows if r["provider"] == "naive script" and r.get("wall_minus_load_s")), None)

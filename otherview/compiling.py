@@ -78,8 +78,7 @@ def use_cache_dir() -> Path:
             return Path(current)
     folder = cache_root() / "inductor"
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # inductor puts Triton's cache beneath it
     return folder
 
 

@@ -18,7 +18,7 @@ for w in sorted(glob.glob(".whl/*.whl")):
         pick.append(w)
 print("installing", pick)
 subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                "--no-cache-dir", "--target", "/tmp/site"] + pick, check=True)
+                "--no-cache-dir", "--upgrade", "--target", "/tmp/site"] + pick, check=True)
 PY
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L >> $OUT/setup.log

@@ -115,6 +115,18 @@ def _run_process(cmd: list[str], env: dict, timeout: float) -> tuple[float, int,
     return time.perf_counter() - start, proc.returncode, proc.stdout, proc.stderr
 
 
+def _left_running() -> list[str]:
+    """Return the command lines of otherview or inductor processes still alive (none should be)."""
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    me = str(os.getpid())
+    return [line.strip()[:200] for line in ps.splitlines()[1:]
+            if ("otherview" in line or "compile_worker" in line) and line.split()[0] != me
+            and "bench_plantain" not in line]
+
+
 def _exec_row(base: dict, variant: str, wall: float, rc: int, stdout: str, stderr: str) -> dict:
     """Return one whole-process row of ``otherview exec`` from its wall time, progress lines and manifest."""
     stamps = [(float(m.group(1)), m.group(2)) for m in map(_STAMP.match, stderr.splitlines()) if m]
@@ -192,7 +204,9 @@ def processes(args) -> None:
             shutil.rmtree(cache, ignore_errors=True)
         cmd = [sys.executable, "-m", "otherview", "exec", args.spec, "--model", args.model, "--out", str(runs),
                "--compile", setting]
-        emit(_exec_row(base, variant, *_run_process(cmd, env, args.timeout)))
+        row = _exec_row(base, variant, *_run_process(cmd, env, args.timeout))
+        row["left_running"] = _left_running()  # right after the process returned: should be empty
+        emit(row)
     done = [r for r in rows if r.get("run_dir")]
     eager = next((r for r in done if not (r.get("compile") or {}).get("compile")), None)
     if eager is not None:

@@ -6,7 +6,7 @@ Three decisions live here, each made once and recorded:
   ``Flux2TransformerBlock`` and ``Flux2SingleTransformerBlock``): one graph per block class and input
   shape, reused by every block of that class, instead of one whole-model graph. On an H100 this
   compiled Klein 4B in 20.8 s against 62.0 s for the whole model, at the same speed (127.5 vs 126.1
-  ms a sample). Capture hooks are traced into the block graphs; ``capture.attach`` keeps per-site
+  ms a sample); with the 25 capture hooks inside, `exec` compiles 2 graphs in 18.1 s (4.5 s warm). Capture hooks are traced into the block graphs; ``capture.attach`` keeps per-site
   state out of guarded Python values so the graph is not recompiled per site.
 - **Where compiled artefacts go.** torch's own caches (inductor's FX-graph and AOTAutograd caches,
   and Triton's kernels beneath them) are pointed at ``$OTHERVIEW_CACHE/inductor`` (default
@@ -40,14 +40,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Calibration (H100 80GB, torch 2.11, Klein 4B, batch 20 at the probe shape; benchmarks/ and
-# /work/shared/ANCHORS.md): eager 175.2 ms a sample for ~76.7 TFLOP, i.e. ~440 TFLOP/s in effect;
-# regional compilation runs the same work in 127.5 ms (27% saved) and its first call took 20.8 s
-# with an empty cache.
+# Calibration (H100 80GB, torch 2.11, Klein 4B, batch 20 at the probe shape, capture hooks on the 25
+# sites; benchmarks/results/h100_processes.jsonl): eager 175 ms a sample for ~76.7 TFLOP, i.e. ~440
+# TFLOP/s in effect; compiled blocks save ~27% (plantain's 60 passes: 10.8 s eager, 7.8 s compiled).
+# `otherview exec` measured the compile (first batch minus a steady one) at 18.1 s with an empty
+# cache and 4.5 s with a warm one, 2 graphs either way.
 EAGER_FLOPS_PER_S = 440e12
 COMPILED_SAVING = 0.27
-COLD_COMPILE_S = 21.0  # a cold regional compile of both block classes at one shape, no measurement yet
-WARM_COMPILE_S = 5.0  # a warm one (dynamo trace + cache load), until this machine has measured it
+COLD_COMPILE_S = 18.0  # a cold regional compile of both block classes at one shape
+WARM_COMPILE_S = 4.5  # a warm one (dynamo trace + cache load), until this machine has measured its own
 SCHEMA = 1
 
 
@@ -240,6 +241,27 @@ def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> s
         mode = "whole"
     transformer._otherview_compiled = (backend, mode)
     return mode
+
+
+def compile_for(decision: CompileDecision, transformer: torch.nn.Module) -> None:
+    """Compile ``transformer``'s blocks in place as ``decision`` says (nothing where it says eager).
+
+    With a warm cache inductor has nothing to compile (graphs and Triton kernels load from the
+    cache), yet its backend would start a pool of compile-worker processes (one a core, each
+    importing torch) at the first graph and stop it at exit; one thread is enough instead.
+    """
+    if not decision.compile:
+        return
+    if decision.cache_state == "warm" and decision.backend == "inductor":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+    try:
+        decision.mode = compile_blocks(transformer, decision.backend)
+    except ValueError as exc:  # compiled earlier with another backend (a model reused across runs)
+        from .model import ModelSettingError
+
+        raise ModelSettingError(str(exc)) from None
 
 
 @contextmanager

@@ -304,8 +304,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
 
     decision = compiling.decide_for_plan(plan, spec.runtime.compile, device, batch_size, spec.runtime.compile_backend)
     compiled = decision.compile
-    if compiled:
-        model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
+    compiling.compile_for(decision, loaded.pipe.transformer)
     say(f"compile: {decision.reason}")
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
                            "compile_decision": decision.record(),

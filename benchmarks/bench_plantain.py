@@ -13,6 +13,14 @@ within bf16 tolerance.
 Usage (GPU): ``python benchmarks/bench_plantain.py --model builtin:klein-4b``; ``--skip-naive`` runs
 otherview alone. Writes JSON lines to ``--out`` (default ``$OUT/bench_plantain.jsonl`` when $OUT is
 set) and prints a table last.
+
+Whole processes (``--processes``), as a user runs them: the naive script
+(``benchmarks/naive_plantain.py``) and ``python -m otherview exec``, each a fresh subprocess, with
+otherview's compile cache first empty (a fresh ``$OTHERVIEW_CACHE``), then warm (the same folder
+again). Each row has the process's wall time, its weight build/load time (reported apart), the
+manifest's phases, the time before the run directory exists (startup), after the report line
+(teardown) and outside every phase, and the compile decision. ``--variants`` picks the runs, e.g.
+``naive,cold:auto,cold:on,warm:auto,warm:off``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +106,140 @@ def naive_loop(loaded, plan) -> tuple[dict[str, float], np.ndarray]:
     return times, np.stack(rows)
 
 
+_STAMP = re.compile(r"^\[\s*([0-9.]+)s\] (.*)$")
+
+
+def _run_process(cmd: list[str], env: dict, timeout: float) -> tuple[float, int, str, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return time.perf_counter() - start, proc.returncode, proc.stdout, proc.stderr
+
+
+def _left_running() -> list[str]:
+    """Return the command lines of otherview or inductor processes still alive (none should be)."""
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    me = str(os.getpid())
+    return [line.strip()[:200] for line in ps.splitlines()[1:]
+            if ("otherview" in line or "compile_worker" in line) and line.split()[0] != me
+            and "bench_plantain" not in line]
+
+
+def _exec_row(base: dict, variant: str, wall: float, rc: int, stdout: str, stderr: str) -> dict:
+    """Return one whole-process row of ``otherview exec`` from its wall time, progress lines and manifest."""
+    stamps = [(float(m.group(1)), m.group(2)) for m in map(_STAMP.match, stderr.splitlines()) if m]
+    first = lambda prefix: next((t for t, msg in stamps if msg.startswith(prefix)), None)  # noqa: E731
+    row = {**base, "provider": "otherview exec", "variant": variant, "wall_s": round(wall, 2), "rc": rc}
+    run_dir = Path(stdout.strip().splitlines()[-1]) if rc == 0 and stdout.strip() else None
+    if run_dir is None or not (run_dir / "manifest.json").exists():
+        row["stderr_tail"] = stderr[-3000:]
+        return row
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    phases = manifest["phases"]
+    load = phases.get("load_model", 0.0)
+    report_at = first("report:")
+    row.update(phases=phases, load_s=load, wall_minus_load_s=round(wall - load, 2),
+               startup_s=first("run directory"), before_load_s=first("loading"),
+               after_report_s=round(wall - report_at, 2) if report_at is not None else None,
+               outside_phases_s=round(wall - sum(phases.values()), 2),
+               compile=manifest.get("runtime", {}).get("compile_decision"), null=manifest.get("null"),
+               batch_size=manifest.get("batch_size"), peak_gib=manifest.get("peak_gpu_memory_gib"),
+               run_dir=str(run_dir))
+    return row
+
+
+def _time_null(run_dir: str, spec, device) -> dict:
+    """Return the exact null's time on a finished run's differences (median of three, after a warm-up)."""
+    d = store.read_tensors(Path(run_dir) / "rms.safetensors")["d"]
+    times = []
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        res = stats.sign_flip_null(d, spec.null.thresholds, "exact", spec.null.flips, spec.null.seed,
+                                   spec.null.quantile, device)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"provider": "otherview", "phase": f"exact null alone ({res.result.n_flips:,} flips, {d.shape[1]} units, "
+            f"{len(spec.null.thresholds)} thresholds)", "seconds": sorted(times[1:])[1], "first_s": times[0]}
+
+
+def processes(args) -> None:
+    """Time whole processes: the naive script and ``otherview exec``, cold then warm caches."""
+    spec, _ = load_spec(args.spec)
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_processes.jsonl") if os.environ.get("OUT") else None)
+    device = model_mod.resolve_device("auto")
+    base = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "git_sha": store.git_sha(ROOT), "model": args.model, "spec": args.spec}
+    cache = Path(args.cache or tempfile.mkdtemp(prefix="otherview-cache-"))
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="otherview-runs-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env.update(OTHERVIEW_CACHE=str(cache), PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])))
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for variant in args.variants.split(","):
+        if variant == "naive":
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_plantain.py"), "--spec", args.spec, "--model", args.model]
+            wall, rc, so, se = _run_process(cmd, env, args.timeout)
+            row = {**base, "provider": "naive script", "variant": "naive", "wall_s": round(wall, 2), "rc": rc}
+            try:
+                inner = json.loads(so.strip().splitlines()[-1])["naive"]
+                row.update(phases=inner, load_s=round(inner["load_model"], 2),
+                           wall_minus_load_s=round(wall - inner["load_model"], 2))
+            except (ValueError, IndexError, KeyError):
+                row["stderr_tail"] = se[-3000:]
+            emit(row)
+            continue
+        state, setting = variant.split(":")
+        if state == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
+        cmd = [sys.executable, "-m", "otherview", "exec", args.spec, "--model", args.model, "--out", str(runs),
+               "--compile", setting]
+        row = _exec_row(base, variant, *_run_process(cmd, env, args.timeout))
+        row["left_running"] = _left_running()  # right after the process returned: should be empty
+        emit(row)
+    done = [r for r in rows if r.get("run_dir")]
+    eager = next((r for r in done if not (r.get("compile") or {}).get("compile")), None)
+    if eager is not None:
+        # Cross-path check: compiled capture (per-site buffer views inside the block graphs) vs eager.
+        want = store.read_tensors(Path(eager["run_dir"]) / "rms.safetensors")["rms"].astype(np.float64)
+        for r in done:
+            got = store.read_tensors(Path(r["run_dir"]) / "rms.safetensors")["rms"]
+            rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+            r["rms_vs_eager"] = {"median_rel": float(np.median(rel)), "p99_rel": float(np.quantile(rel, 0.99))}
+            print(f"{r['variant']}: rms vs eager run {eager['variant']}: {r['rms_vs_eager']}", flush=True)
+            if out:
+                with open(out, "a") as f:
+                    f.write(json.dumps({**base, "provider": "cross-path check", "variant": r["variant"],
+                                        "vs": eager["variant"], **r["rms_vs_eager"]}) + "\n")
+    if done and device.type == "cuda":
+        emit({**base, **_time_null(done[-1]["run_dir"], spec, device)})
+    naive = next((r for r in rows if r["provider"] == "naive script" and r.get("wall_minus_load_s")), None)
+    print(f"\n{base['device']}, torch {base['torch']}, {args.model}: whole processes (load excluded)")
+    print(f"{'run':<22} {'wall':>7} {'load':>6} {'-load':>7} {'start':>6} {'exit':>6} {'outside':>8}  vs naive  compile")
+    for r in rows:
+        if "wall_s" not in r:
+            continue
+        ratio = f"{naive['wall_minus_load_s'] / r['wall_minus_load_s']:.2f}x" if naive and r.get("wall_minus_load_s") else ""
+        fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        dec = r.get("compile") or {}
+        print(f"{r['provider'][:9] + ' ' + r['variant']:<22} {fmt(r['wall_s']):>7} {fmt(r.get('load_s')):>6} "
+              f"{fmt(r.get('wall_minus_load_s')):>7} {fmt(r.get('startup_s')):>6} {fmt(r.get('after_report_s')):>6} "
+              f"{fmt(r.get('outside_phases_s')):>8}  {ratio:>8}  {dec.get('compile', '')} {dec.get('compile_seconds', '')}")
+    for r in rows:
+        if "phase" in r:
+            print(f"{r['phase']}: {r['seconds']:.3f} s (first {r['first_s']:.3f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "specs" / "plantain.toml"))
@@ -107,7 +252,14 @@ def main() -> None:
                              "spec's 'auto' null is then timed on the same differences as an extra row")
     parser.add_argument("--out")
     parser.add_argument("--runs", help="keep otherview's run directory under this folder (default: a temporary one)")
+    parser.add_argument("--processes", action="store_true", help="time whole processes (see the module docstring)")
+    parser.add_argument("--variants", default="naive,cold:auto,cold:on,warm:auto",
+                        help="--processes: runs in order; 'naive', or CACHE:COMPILE with CACHE cold|warm")
+    parser.add_argument("--cache", help="--processes: the OTHERVIEW_CACHE folder (default: a fresh temporary one)")
+    parser.add_argument("--timeout", type=float, default=600, help="--processes: seconds per process")
     args = parser.parse_args()
+    if args.processes:
+        return processes(args)
 
     spec, raw = load_spec(args.spec)
     spec = with_overrides(spec, {"model.source": args.model, "runtime.compile": args.compile,

@@ -84,16 +84,40 @@ class Capture:
         self.detach()
 
 
+def _accumulator(kernel: str, device: torch.device):
+    """Return ``accumulate(x, unit_width, segments, out)``, chosen once at attach time.
+
+    Resolved here rather than in the hook so that the hook body holds no dispatch query that
+    ``torch.compile`` would have to trace (or break the graph on) at every site.
+    """
+    if kernel == "reference":
+        return _reference_sumsq_
+    if kernel == "compiled" and not ops.has_kernel("unit_sumsq_", device):
+        raise CaptureError(f"runtime.capture_kernel = 'compiled' but no compiled op is built for {device}")
+    if ops.has_kernel("unit_sumsq_", device):
+        op = torch.ops.otherview.unit_sumsq_
+        return lambda x, unit_width, segments, out: op(x, unit_width, segments, out)
+    return rms_ops.unit_sumsq_
+
+
 def _make_hook(capture: Capture, site: Site, unit_width: int, accumulate):
-    u0, u1 = site.unit_offset, site.unit_offset + site.n_units
-    segments = [site.segment[0], site.segment[1]]
+    # Under regional compilation (one compiled graph per block class, reused by every block of
+    # that class) whatever the hook reads from its closure is guarded. Python ints that differ per
+    # site (the unit offsets) would fail the guard at each block and recompile per site, so the
+    # site's slice of the buffer is taken here, once, as a tensor view: a graph input whose shape
+    # is the same for every site of a class. What stays a Python value (segments, token count,
+    # unit width) is equal across the sites of one block class.
+    rows = capture.buffer[:, :, site.unit_offset: site.unit_offset + site.n_units]
+    segments = [int(site.segment[0]), int(site.segment[1])]
+    tokens = int(site.tokens)
+    name = site.name
 
     def hook(module, args):
         if capture.active:
             x = args[0]
-            if x.shape[1] != site.tokens:
-                raise CaptureError(f"{site.name} received {x.shape[1]} tokens, the plan expects {site.tokens}")
-            out = capture.buffer[: x.shape[0], :, u0:u1]
+            if x.shape[1] != tokens:
+                raise CaptureError(f"{name} received {x.shape[1]} tokens, the plan expects {tokens}")
+            out = rows[: x.shape[0]]
             if capture.token_mask is not None:
                 # Only each row's real prompt tokens count: zero the padding (a small [B, text, width] copy).
                 mask = capture.token_mask[: x.shape[0], :, None].to(x.dtype)
@@ -135,12 +159,7 @@ def attach(transformer: torch.nn.Module, plan: Plan, buffer: torch.Tensor, kerne
         Run the reductions on a CUDA side stream, overlapping the projection GEMMs (eager only:
         under ``torch.compile`` the op is one node of the graph's single stream).
     """
-    if kernel == "reference":
-        accumulate = _reference_sumsq_
-    elif kernel == "compiled" and not ops.has_kernel("unit_sumsq_", buffer.device):
-        raise CaptureError(f"runtime.capture_kernel = 'compiled' but no compiled op is built for {buffer.device}")
-    else:
-        accumulate = rms_ops.unit_sumsq_
+    accumulate = _accumulator(kernel, buffer.device)
     modules = dict(transformer.named_modules())
     capture = Capture(plan=plan, buffer=buffer,
                       side_stream=torch.cuda.Stream(buffer.device) if side_stream and buffer.is_cuda else None)

@@ -15,13 +15,26 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from . import store
 
-from . import store  # noqa: E402
+# matplotlib.pyplot, imported on first use by _pyplot: `exec`'s own process never draws (its figure
+# workers do, and import it while the GPU works), so its startup does not pay for matplotlib.
+plt = None
+
+
+def _pyplot():
+    """Return matplotlib.pyplot on the Agg backend, importing it the first time."""
+    global plt
+    if plt is None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+
+        plt = pyplot
+    return plt
 
 WIDTH = 3.5  # inches: one column
 DPI = 200
@@ -305,7 +318,7 @@ def _draw(job) -> str:
     global _MARK
     _, draw, args, mark = job
     _MARK = mark
-    with plt.rc_context(STYLE):
+    with _pyplot().rc_context(STYLE):
         return draw(*args)
 
 
@@ -313,16 +326,27 @@ def _noop(_: int) -> None:
     return None
 
 
+def _worker_init(parent: int) -> None:
+    """Worker initializer: import matplotlib now, and end with the process that forked this worker.
+
+    A forked worker inherits both ends of the pool's pipes, so it would never see them close if
+    the parent died without shutting the pool down (killed, or ``os._exit``); Linux's parent-death
+    signal ends it instead. Elsewhere the pool's normal shutdown is all there is.
+    """
+    _die_with_parent(parent)
+    _pyplot()
+
+
 def _die_with_parent(parent: int) -> None:
-    """Make a worker exit when the process that forked it dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG)."""
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
-        pass
-    if os.getppid() != parent:  # the parent died before the line above ran
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the signal was armed
         os._exit(0)
 
 
@@ -330,15 +354,25 @@ def start_workers(n: int = 4) -> ProcessPoolExecutor | None:
     """Return a pool of ``n`` forked figure workers, started now; None where the OS cannot fork.
 
     ``exec`` starts them before the model loads: forking a small process is quick, forking one that
-    holds a GPU context and gigabytes of weights takes seconds. Workers only draw numpy arrays.
+    holds a GPU context and gigabytes of weights takes seconds. Workers only draw numpy arrays, and
+    none outlives the process that started it (see ``_die_with_parent``); stop them with
+    :func:`stop_workers`.
     """
     n = min(n, os.cpu_count() or 1)
     if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_die_with_parent,
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init,
                                initargs=(os.getpid(),))
-    list(pool.map(_noop, range(n)))  # fork every worker now, not when the figures are due
+    # The first submit forks every worker (a fork pool never spawns later); not waiting for it lets
+    # the workers import matplotlib while this process goes on loading the model.
+    pool.submit(_noop, 0)
     return pool
+
+
+def stop_workers(pool: ProcessPoolExecutor | None) -> None:
+    """Stop ``pool``'s workers and wait for them (they are idle once the figures are drawn: milliseconds)."""
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _draw_all(jobs: list, workers: ProcessPoolExecutor | None = None) -> list[str]:

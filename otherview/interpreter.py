@@ -24,8 +24,7 @@ import torch
 
 from . import analysis as analysis_mod
 from . import capture as capture_mod
-from . import distributed
-from . import checks, errors
+from . import checks, compiling, distributed, errors
 from . import figures
 from . import model as model_mod
 from . import report as report_mod
@@ -304,11 +303,6 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
     return out
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """Return whether to ``torch.compile`` the transformer ("auto": on CUDA only)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 def _opt(values, i: int):
     return "" if values is None else float(values[i])
 
@@ -561,18 +555,7 @@ def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progres
     model_mod.set_attention_backend(loaded, spec.runtime.attention_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compiled = use_compile(spec.runtime.compile, device)
-    if compiled:
-        model_mod.compile_transformer(loaded, spec.runtime.compile_backend)
-        if any(sc.prompt is not None for sc in plan.design.scenes) and not phases.done("reference"):
-            # One-time cost, timed apart: compile the reference generation's graph with a one-step call.
-            prompt = next(sc.prompt for sc in plan.design.scenes if sc.prompt is not None)
-            with phases("compile", device):
-                say("torch.compile: the reference generation's graph")
-                loaded.pipe(prompt=prompt, height=plan.height, width=plan.width, num_inference_steps=1,
-                            guidance_scale=spec.reference.guidance_scale, output_type="latent",
-                            max_sequence_length=plan.text_tokens, text_encoder_out_layers=plan.arch.text_encoder_out_layers)
-    return loaded, compiled
+    return loaded
 
 
 def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phases, say: Progress, loaded,
@@ -584,9 +567,10 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
     """
     spec = plan.spec
     ctx = ctx or distributed.Context()
-    loaded, compiled = _load_model(plan, device, manifest, phases, say, loaded)
+    loaded = _load_model(plan, device, manifest, phases, say, loaded)
     if ctx.is_main:
-        images = _phase_reference(loaded, plan, run_dir, phases, say, device)
+        with compiling.eager():  # the reference runs eager: see compiling.decide
+            images = _phase_reference(loaded, plan, run_dir, phases, say, device)
         ctx.broadcast(distributed.images_to_bytes(images) if ctx.world > 1 else None)
     else:  # the main process made them: the same pixels, losslessly
         images = distributed.images_from_bytes(ctx.broadcast(None))
@@ -605,31 +589,34 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
                             {"passes_done": str(done), "batches_done": str(done_batches),
                              "batch_size": str(batch_size)})
 
+    decision = compiling.decide_for_plan(plan, spec.runtime.compile, device, batch_size, spec.runtime.compile_backend)
+    compiled = decision.compile
+    compiling.compile_for(decision, loaded.pipe.transformer)
+    say(f"compile: {decision.reason}")
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
+                           "compile_decision": decision.record(),
                            "attention_backend": spec.runtime.attention_backend,
                            "capture_kernel": spec.runtime.capture_kernel}
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
         + (f", resuming after batch {start}" if start else "")
-        + (", torch.compile (the first batch compiles)" if compiled else ""))
+        + (", compiled blocks (the first batch compiles)" if compiled else ""))
     side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
         if spec.capture.tokens == "prompt":
             cap.token_mask = torch.zeros((batch_size, plan.text_tokens), dtype=torch.float32, device=device)
-        if compiled:
-            # One-time cost, timed apart: trace and compile the probe graph on the first batch (its
-            # results are discarded; the probe phase recomputes it with the compiled graph).
-            with phases("compile_probe", device):
-                say("torch.compile: the probe graph")
-                run_probes(loaded, plan, inputs, cap, batch_size, max_batches=1)
         n_batches = math.ceil(len(plan.passes) / batch_size)
         mine = ctx.my_batches(n_batches)
         if ctx.world > 1:
             say(f"{ctx.world} processes: this one runs {len(mine)} of {n_batches} batches")
-        with phases("probe", device):
-            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=checkpoint, progress=say,
+        clock = compiling.BatchClock()  # the first batch compiles: its extra time is the compile's
+        with phases("probe", device), compiling.probe_stance(decision):
+            rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=clock.wrap(checkpoint), progress=say,
                              start_batch=start, out=rms, batches=mine)
+        clock.finish(decision)
+        manifest["runtime"]["compile_decision"] = decision.record()
+        compiling.release(background=True)  # no compile after this: stop inductor's workers meanwhile
     if ctx.world > 1:
         with phases("gather"):  # waits for the slowest process: probe + gather is the parallel probe time
             rms = _gather_probes(ctx, plan, rms, batch_size, n_batches)

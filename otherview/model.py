@@ -311,7 +311,7 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
         log.info("building %s with random weights on %s (%s)", source, dev, dt)
         pipe = build_builtin(source[len(BUILTIN_PREFIX):], dtype=dt, device=dev)
     else:
-        pipe = _from_pretrained(source, dt, arch.pipeline_class).to(dev)
+        pipe = _from_pretrained(source, dt, dev, arch.pipeline_class).to(dev)
         pipe.set_progress_bar_config(disable=True)
     info = {"source": source, "random_weights": arch.random_weights, "dtype": str(dt).replace("torch.", ""),
             "device": str(dev), "parameters": {name: sum(p.numel() for p in m.parameters())
@@ -321,30 +321,47 @@ def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     return LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, pipeline_class: str = KLEIN_PIPELINE):
+def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | None = None,
+                     pipeline_class: str = KLEIN_PIPELINE):
+    """Return the pipeline saved in ``source``, its weights read straight onto ``device`` where that is CUDA.
+
+    ``device_map="cuda"`` makes diffusers and transformers read each safetensors file into device
+    memory as it is loaded, instead of building the pipeline in host memory and copying all of it
+    with ``.to(device)`` afterwards (a second pass over ~16 GB for Klein 4B). The device map is
+    cleared afterwards: everything is on one device, so the pipeline's own ``.to`` stays usable.
+    The KV variant needs ``Flux2KleinKVPipeline``: it installs the KV attention processors.
+    """
     import diffusers
 
-    try:  # the KV variant needs Flux2KleinKVPipeline: it installs the KV attention processors
-        return getattr(diffusers, pipeline_class).from_pretrained(source, dtype=dtype)
+    kwargs = {}
+    if device is not None and device.type == "cuda" and device.index in (None, torch.cuda.current_device()):
+        try:
+            import accelerate  # noqa: F401  (diffusers' device_map needs it)
+
+            kwargs["device_map"] = "cuda"
+        except ImportError:
+            log.info("accelerate is not installed: loading on the host, then moving to %s", device)
+    try:
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None
         raise ModelUnavailable(_unavailable_message(source)) from None
+    if kwargs:
+        if any(hasattr(m, "_hf_hook") for m in pipe.components.values()):
+            pipe.remove_all_hooks()
+        pipe.hf_device_map = None  # one device: no dispatch hooks to keep, and .to() works again
+    return pipe
 
 
 def compile_transformer(loaded: LoadedModel, backend: str = "inductor") -> None:
-    """Compile ``loaded``'s transformer in place with ``torch.compile`` (once per loaded model).
+    """Compile ``loaded``'s transformer in place: its repeated blocks (regional), see ``otherview.compiling``."""
+    from .compiling import compile_blocks
 
-    In place (``nn.Module.compile``), so the pipeline's own calls (the reference image) and the probe
-    passes both run compiled. Static shapes: each distinct input shape (the reference's, the probe
-    batch's) compiles one graph, and probe batches all have one shape (the last is padded). Capture
-    hooks on submodules are traced into the probe graph.
-    """
-    if loaded.cache.get("compiled") is None:
-        loaded.pipe.transformer.compile(dynamic=False, backend=backend)
-        loaded.cache["compiled"] = backend
-    elif loaded.cache["compiled"] != backend:
-        raise ModelSettingError(f"runtime.compile_backend: this model was already compiled with '{loaded.cache['compiled']}'")
+    try:
+        loaded.cache["compiled"] = (backend, compile_blocks(loaded.pipe.transformer, backend))
+    except ValueError as exc:
+        raise ModelSettingError(str(exc)) from None
 
 
 def check_attention_backend(name: str) -> None:

@@ -301,6 +301,7 @@ def use_compile(setting: str, device: torch.device) -> bool:
 def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
     """Return units.csv's rows: one per analysis and unit, where the unit sits and its statistics."""
     rows = []
+    stream_kind = {s.name: s.kind for s in plan.sites}  # image / text / joint; a unit's kind is attention / mlp
     for res in results.contrasts:
         inf, d, t = res.inf, res.d, res.t
         mean_d = d.mean(axis=0)
@@ -308,7 +309,7 @@ def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
             i = u.index
             rows.append({"analysis": res.key, "contrast": res.analysis.contrast,
                          "step": "mean" if res.analysis.step is None else res.analysis.step,
-                         "unit": i, "site": u.site, "stream": u.stream, "block": u.block,
+                         "unit": i, "site": u.site, "stream": u.stream, "stream_kind": stream_kind[u.site], "block": u.block,
                          "channel_start": u.channel_start, "channel_end": u.channel_end, "kind": u.kind,
                          "head": u.head if u.kind == "attention" else "", "subgroup": u.subgroup,
                          "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
@@ -335,12 +336,13 @@ def pass_rows(plan: Plan) -> list[dict]:
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
-            loaded: model_mod.LoadedModel | None = None, workers=None) -> Path:
+            loaded: model_mod.LoadedModel | None = None, workers=None, overrides: list[str] | None = None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
     ``loaded`` reuses a model already built or loaded from the spec's source (benchmarks and tests
     run several specs on one model); otherwise the model is loaded here. ``workers`` reuses a figure
     pool from ``figures.start_workers`` (start it before loading a model: forking is then cheap).
+    ``overrides`` are the ``--set`` assignments already applied to ``spec``, recorded in the manifest.
     """
     say = progress or (lambda msg: log.info(msg))
     if model_override:
@@ -359,7 +361,8 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
                           "null": spec.null.seed},
                 "resolution": [plan.height, plan.width], "resolution_note": plan.resolution_note,
                 "versions": store.versions(), "git_sha": store.git_sha(), "device": store.device_info(device),
-                "phases": phases.seconds}
+                "phases": phases.seconds, "overrides": list(overrides or []),
+                "layout_id": summary_mod.layout_id(plan)}
     store.write_json(run_dir / "manifest.json", manifest)
     store.write_csv(run_dir / "passes.csv", pass_rows(plan))
     say(f"run directory {run_dir}")

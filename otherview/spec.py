@@ -553,7 +553,11 @@ def parse_spec(text: str, source: str = "<spec>", sets: Sequence[str] = ()) -> S
             body = msg[: where.start()].strip()
             raise SpecError(f"{source}:{where.group(1)}:{where.group(2)}", [("", f"TOML syntax error: {body}")]) from None
         raise SpecError(source, [("", f"TOML syntax error: {msg}")]) from None
-    raw = apply_sets(raw, sets, source)
+    return validate_raw(apply_sets(raw, sets, source), source)
+
+
+def validate_raw(raw: dict[str, Any], source: str = "<spec>") -> Spec:
+    """Return the validated ``Spec`` of parsed TOML ``raw``; raise ``SpecError`` naming every problem."""
     problems: list[tuple[str, str]] = []
     spec = None
     try:
@@ -680,17 +684,21 @@ def parse_set(assignment: str) -> tuple[list[str | int], Any]:
     return path, value
 
 
-def apply_sets(raw: dict[str, Any], sets: Sequence[str], source: str = "<spec>") -> dict[str, Any]:
-    """Return a copy of the parsed TOML ``raw`` with each ``dotted.path=value`` of ``sets`` applied, in order.
+def apply_sets(raw: dict[str, Any], sets: Sequence[str | tuple[str, Any]], source: str = "<spec>") -> dict[str, Any]:
+    """Return a copy of the parsed TOML ``raw`` with each override of ``sets`` applied, in order.
 
-    Missing tables on the way are created; array items must exist. Raise ``SpecError`` naming each
-    malformed override (``--set <assignment>: message``).
+    An override is ``"dotted.path=value"`` (the value read by ``parse_set``) or a pair
+    ``("dotted.path", value)`` whose value is used as given. Missing tables on the way are created;
+    array items must exist. Raise ``SpecError`` naming each malformed override (``--set <it>: message``).
     """
     raw = copy.deepcopy(raw)
     problems = []
-    for assignment in sets:
+    for item in sets:
+        assignment = item if isinstance(item, str) else f"{item[0]}={item[1]!r}"
         try:
             path, value = parse_set(assignment)
+            if not isinstance(item, str):
+                path, value = parse_set(f"{item[0]}=0")[0], item[1]
             node: Any = raw
             for k, key in enumerate(path[:-1]):
                 nxt = path[k + 1]
@@ -714,6 +722,13 @@ def apply_sets(raw: dict[str, Any], sets: Sequence[str], source: str = "<spec>")
     if problems:
         raise SpecError(source, problems)
     return raw
+
+
+def with_sets(spec: Spec, sets: Sequence[str | tuple[str, Any]], source: str = "<spec>") -> Spec:
+    """Return ``spec`` with overrides applied (as ``apply_sets``) and validated again, every check included."""
+    if not sets:
+        return spec
+    return validate_raw(apply_sets(spec.model_dump(mode="json", exclude_none=True), sets, source), source)
 
 
 def spec_hash(spec: Spec) -> str:

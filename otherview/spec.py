@@ -338,7 +338,7 @@ class Spec(_Strict):
     capture: Capture = Field(Capture(), description="What is captured: sites, unit width, tokens.")
     null: Null = Field(Null(), description="The sign-flip null and significance level.")
     runtime: Runtime = Field(Runtime(), description="Speed settings; they never change the numbers' meaning.")
-    output: Output = Field(Output(), description="Where runs go.")
+    output: Output = Field(Output(), description="Where the run directories go (output.dir).")
 
     def templates(self, condition: str) -> list[str]:
         """Return the wordings (templates) of ``condition``."""
@@ -773,7 +773,7 @@ VALIDATE_ONLY = (
     "every condition is used by some contrast",
     "contrast names, filler values and scene names are unique",
     "a specificity test names two different known contrasts, and its name is not a contrast's",
-    "a device string is one of auto, cpu, cuda, cuda:N, mps (also a schema pattern)",
+    "an integer is not written as a whole float (16.0): JSON, unlike TOML, does not tell them apart",
     "the design checks of `validate` (contrasts that render identically, a null that cannot reach alpha, "
     "the design's size) and, in `plan`/`exec`, the fit to the model",
 )

@@ -278,7 +278,8 @@ class Run:
         lines = [f"Run {s.experiment} at {self.path}", f"  model {m.model.get('source')}{weights}; layout {s.layout.id} "
                  f"({s.n_units:,} units of {s.layout.unit_width} channels, {len(s.layout.sites)} sites)",
                  f"  {s.design.passes:,} passes: {len(s.design.conditions)} conditions x {s.n_items} items x "
-                 f"{len(s.design.scenes)} scenes x {len(s.design.seeds)} seeds x {s.design.wordings} wordings"]
+                 f"{_n(len(s.design.scenes), 'scene')} x {_n(len(s.design.seeds), 'seed')} x "
+                 f"{_n(s.design.wordings, 'wording')}"]
         for a in s.analyses:
             total = a.groups.all[0]
             lines.append(f"  analysis {a.key} ({a.label}): {total.fwer:,} units at FWER p <= {s.alpha:g}, "
@@ -296,6 +297,10 @@ class Run:
         head, *rest = self._lines()
         items = "".join(f"<li>{html.escape(line.strip())}</li>" for line in rest)
         return f"<b>{html.escape(head)}</b><ul>{items}</ul>"
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def load_run(path: str | Path) -> Run:

@@ -27,6 +27,27 @@ LAYOUT_COLUMNS = ("unit", "site", "stream", "stream_kind", "block", "channel_sta
 PASS_LABELS = ("pass", "condition", "item", "item_value", "scene", "seed", "wording", "step")
 
 
+UNIT_TEXT_COLUMNS = ("analysis", "contrast", "step", "site", "stream", "stream_kind", "kind")
+PASS_TEXT_COLUMNS = ("condition", "item_value", "scene", "step", "prompt")
+
+
+def _read_csv(path: Path, text: tuple[str, ...], optional_int: tuple[str, ...]) -> "pd.DataFrame":
+    """Return a run's CSV with text columns as written (a condition may be called "NA"), numbers as numbers
+    (``nan`` and ``inf`` included) and an empty cell of ``optional_int`` as missing (nullable Int64)."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in table.columns:
+        if column in optional_int:
+            table[column] = pd.to_numeric(table[column].replace("", None)).astype("Int64")
+        elif column not in text:
+            try:
+                table[column] = pd.to_numeric(table[column])
+            except ValueError:  # "nan" (and "inf" in some pandas versions): Python's float reads them
+                table[column] = table[column].astype("float64")
+    return table
+
+
 @dataclass(frozen=True)
 class Null:
     """One analysis's sign-flip null, as stored in ``null.safetensors``, with its bin edges.
@@ -129,10 +150,7 @@ class Run:
     @cached_property
     def units(self) -> "pd.DataFrame":
         """Return ``units.csv``: one row per analysis and unit (long form; see the README's column dictionary)."""
-        import pandas as pd
-
-        return pd.read_csv(self.path / "units.csv", dtype={"head": "Int64", "step": str}, keep_default_na=False,
-                           na_values={"head": [""]})
+        return _read_csv(self.path / "units.csv", text=UNIT_TEXT_COLUMNS, optional_int=("head",))
 
     @cached_property
     def layout(self) -> "pd.DataFrame":
@@ -149,10 +167,7 @@ class Run:
     @cached_property
     def passes(self) -> "pd.DataFrame":
         """Return ``passes.csv``, indexed by row of the per-pass arrays: each row's pass, condition, item, factors."""
-        import pandas as pd
-
-        return pd.read_csv(self.path / "passes.csv", dtype={"step": str, "scene": str, "prompt": str},
-                           keep_default_na=False, na_values={"tokens": [""]}).set_index("row")
+        return _read_csv(self.path / "passes.csv", text=PASS_TEXT_COLUMNS, optional_int=("tokens",)).set_index("row")
 
     def top(self, analysis: str | None = None, n: int = 10, kind: str | None = None, by: str = "t") -> "pd.DataFrame":
         """Return the ``n`` units of ``analysis`` with the largest ``|by|`` (``kind``: "attention" or "mlp" only).

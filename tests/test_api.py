@@ -174,3 +174,14 @@ def test_readme_notebook_session_runs_as_written(tmp_path):
                     folder.rmdir()  # only when empty: a user's earlier runs stay
                 except OSError:
                     pass
+
+
+def test_run_tables_keep_text_as_written_and_read_nan_and_inf(tmp_path):
+    from otherview.runs import _read_csv
+
+    path = tmp_path / "t.csv"
+    path.write_text("condition,head,t,tokens\nNA,,nan,\nNone,3,inf,12\n")
+    table = _read_csv(path, text=("condition",), optional_int=("head", "tokens"))
+    assert list(table["condition"]) == ["NA", "None"]
+    assert table["head"].isna().tolist() == [True, False] and table["tokens"].dtype == "Int64"
+    assert np.isnan(table["t"][0]) and np.isinf(table["t"][1])

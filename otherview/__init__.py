@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["load_spec", "plan", "run", "load_run", "Run", "Spec", "SpecError", "__version__"]
 
-Override = "str | tuple[str, Any]"
-
 
 def load_spec(path: str | Path, *, set: Sequence[str] = ()) -> "Spec":
     """Return the validated spec at ``path``.

@@ -759,21 +759,8 @@ def json_schema() -> dict[str, Any]:
     ``scenes`` and of a scene's ``prompt``/``image``; ``[contrast]`` or ``[[contrasts]]``; a contrast's
     ``weights`` or ``a`` and ``b``; names in ``[[contrasts]]``; no specificity test with ``[contrast]``;
     condition names; distinct seeds and wordings; known placeholders in ``output.dir``). What only
-    ``otherview validate`` checks is listed in ``VALIDATE_ONLY``.
+    ``otherview validate`` checks is listed in the README (and tested in ``tests/test_schema_cli.py``).
     """
     schema = Spec.model_json_schema()
-    return {"$schema": SCHEMA_DIALECT, "$id": "https://otherview.dev/spec.schema.json", **schema}
+    return {"$schema": SCHEMA_DIALECT, **schema}
 
-
-#: Rules only ``otherview validate`` checks (a JSON Schema cannot express them), as the README lists them.
-VALIDATE_ONLY = (
-    "every template uses the axis slot {slot} and no other placeholder",
-    "every condition has the same number of wordings",
-    "a contrast names known conditions, has at least two nonzero weights summing to 0, and a differs from b",
-    "every condition is used by some contrast",
-    "contrast names, filler values and scene names are unique",
-    "a specificity test names two different known contrasts, and its name is not a contrast's",
-    "an integer is not written as a whole float (16.0): JSON, unlike TOML, does not tell them apart",
-    "the design checks of `validate` (contrasts that render identically, a null that cannot reach alpha, "
-    "the design's size) and, in `plan`/`exec`, the fit to the model",
-)

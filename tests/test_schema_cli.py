@@ -1,7 +1,6 @@
 """The JSON Schema as the contract (agreement with validate), --set, paths, and the new/sites/validate commands."""
 
 import copy
-import json
 import tomllib
 from pathlib import Path
 

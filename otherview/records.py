@@ -327,7 +327,7 @@ def read_summary(run_dir: str | Path) -> SummaryRecord:
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise RunFormatError(run_dir, [("summary.json", f"schema version {version}, this otherview reads "
-                                        f"{SCHEMA_VERSION}: re-render with `otherview report` or re-run")])
+                                        f"{SCHEMA_VERSION}: re-run `otherview exec` to write this version")])
     try:
         return SummaryRecord.model_validate(raw)
     except ValidationError as exc:

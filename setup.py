@@ -83,7 +83,7 @@ setup(
         "scipy>=1.11",
         "pandas>=2.0",
     ],
-    extras_require={"test": ["pytest>=8", "scipy>=1.11", "ninja", "pybind11"]},
+    extras_require={"test": ["pytest>=8", "scipy>=1.11", "ninja", "pybind11", "jsonschema>=4.18"]},
     entry_points={"console_scripts": ["otherview=otherview.cli:run"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},

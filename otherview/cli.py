@@ -105,12 +105,17 @@ def _run_dir_note(exc: BaseException, run_dir) -> str:
     return f"\nrun directory {run_dir}: status failed, with this reason in manifest.json"
 
 
-def _load(path: str):
-    """Return (spec, raw text) of the spec at ``path``; ``SpecError`` names every problem."""
+def _load(path: str, sets: tuple[str, ...] = ()):
+    """Return (spec, raw text) of the spec at ``path`` (``--set`` applied); ``SpecError`` names every problem."""
     from .spec import load_spec
 
-    return load_spec(path)
+    return load_spec(path, sets)
 
+
+SET_OPTION = click.option("--set", "sets", multiple=True, metavar="PATH=VALUE",
+                          help="Override a spec value before validation (repeatable): probe.batch_size=8, "
+                               "'null.thresholds=[2.0, 4.0]', model.source=builtin:tiny. Values are TOML literals "
+                               "(text that is none is a string); exec records them in the manifest (overrides).")
 
 MODEL_OPTION = click.option("--model", "model_override", metavar="SOURCE",
                             help="Override the spec's model: a hub id, a local folder, builtin:tiny or builtin:klein-4b.")
@@ -129,13 +134,28 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@SET_OPTION
+def validate(spec_paths: tuple[str, ...], sets: tuple[str, ...]) -> None:
+    """Check each SPEC and everything checkable before weights; report every problem of every file.
+
+    Exit 2 if any file has a problem (3 for a device that is not here).
+    """
+    codes = []
+    for spec_path in spec_paths:
+        try:
+            _validate_one(spec_path=spec_path, sets=sets)
+        except SystemExit as exc:  # the problems are printed; go on with the next file
+            codes.append(exc.code)
+    if codes:
+        sys.exit(max(c for c in codes if isinstance(c, int)) if any(isinstance(c, int) for c in codes) else 2)
+
+
 @_handled("spec_path")
-def validate(spec_path: str) -> None:
-    """Check SPEC and everything checkable before weights; report every problem (exit 2, or 3 for the device)."""
+def _validate_one(spec_path: str, sets: tuple[str, ...]) -> None:
     from .checks import preflight
 
-    spec, _ = _load(spec_path)
+    spec, _ = _load(spec_path, sets)
     spec, plan_ = preflight(spec, spec_path)
     design = plan_.design
     click.echo(f"{spec_path}: ok ({len(spec.axis.fillers)} {spec.axis.name}, {len(spec.conditions)} conditions, "
@@ -146,15 +166,16 @@ def validate(spec_path: str) -> None:
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @MODEL_OPTION
+@SET_OPTION
 @click.option("--prompts", is_flag=True, help="Also print every rendered prompt, one line per pass.")
 @_handled("spec_path")
-def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
+def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], prompts: bool) -> None:
     """Compile SPEC into its passes and print them, without loading weights."""
     from .checks import preflight, resolved_device
     from .plan import describe
     from .stats import choose_method
 
-    spec, _ = _load(spec_path)
+    spec, _ = _load(spec_path, sets)
     spec, plan_ = preflight(spec, spec_path, model_override)
     click.echo(describe(plan_, prompts=prompts))
     layers = ", ".join(map(str, plan_.arch.text_encoder_out_layers))
@@ -176,11 +197,12 @@ def plan(spec_path: str, model_override: str | None, prompts: bool) -> None:
               help="Share the probe batches among N processes on this machine (starts `accelerate launch`).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec).")
+@SET_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handled("spec_paths")
 def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str | None, compile_: str | None,
           batch_size: int | None, attention_backend: str | None, processes: int, resume_dir: str | None,
-          quiet: bool) -> None:
+          sets: tuple[str, ...], quiet: bool) -> None:
     """Run each SPEC end to end and write its run directory and report (or continue one with --resume).
 
     Several specs share the loaded model (one run directory each). Under `accelerate launch` (or with
@@ -200,7 +222,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     if resume_dir is not None:
         changed = [name for name, v in (("--model", model_override), ("--out", out_dir), ("--compile", compile_),
                                         ("--batch-size", batch_size), ("--attention-backend", attention_backend),
-                                        ("--processes", processes > 1)) if v]
+                                        ("--processes", processes > 1), ("--set", sets)) if v]
         if changed:
             raise errors.UserError(f"{', '.join(changed)}: a resumed run keeps the settings it was started with",
                                    source=resume_dir)
@@ -214,7 +236,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
         raise click.UsageError("give SPEC, or --resume RUN_DIR")
     specs = []
     for spec_path in spec_paths:  # every spec checked before any weights are touched
-        spec, raw = _load(spec_path)
+        spec, raw = _load(spec_path, sets)
         spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
                                      "runtime.attention_backend": attention_backend})
         try:
@@ -229,7 +251,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     for spec_path, spec, raw in specs:
         try:
             run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress,
-                              models=models)
+                              models=models, overrides=list(sets))
         except Exception as exc:
             exc.spec_path = spec_path
             raise
@@ -281,3 +303,41 @@ def schema() -> None:
     from .spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--dir", "folder", default=".", type=click.Path(file_okay=False), help="Folder to write NAME.toml in.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def new(name: str, folder: str, force: bool) -> None:
+    """Write NAME.toml: a commented spec (effect, control and specificity) that validates as written."""
+    from .scaffold import write_new
+
+    try:
+        click.echo(str(write_new(name, folder, force)))
+    except (ValueError, FileExistsError) as exc:
+        _fail(f"error: {exc}", EXIT_SPEC)
+
+
+@main.command()
+@click.option("--model", "source", default="black-forest-labs/FLUX.2-klein-base-4B", show_default=True,
+              metavar="SOURCE", help="A hub id, a local folder, builtin:tiny, builtin:klein-4b or builtin:klein-9b.")
+@click.option("--unit-width", default="16", show_default=True, help="Channels per unit, or 'head'.")
+@click.option("--size", type=click.IntRange(min=1), help="Image side in pixels (default: 1024, or the built-in's own).")
+@click.option("--text-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="model.max_sequence_length.")
+def sites(source: str, unit_width: str, size: int | None, text_tokens: int) -> None:
+    """List what MODEL can capture: projections by role, their streams, token counts and units (no weights)."""
+    from .architectures import ArchitectureError
+    from .model import ModelUnavailable, architecture
+    from .sites import describe_sites
+
+    width = unit_width if unit_width == "head" else int(unit_width) if unit_width.isdigit() and int(unit_width) > 0 else None
+    if width is None:
+        _fail(f"error: --unit-width should be a positive integer or 'head', got '{unit_width}'", EXIT_SPEC)
+    try:
+        click.echo(describe_sites(architecture(source), width, text_tokens, size))
+    except ArchitectureError as exc:
+        _fail(f"error: {exc}", EXIT_SPEC)
+    except ModelUnavailable as exc:
+        _fail(f"error: {exc}", EXIT_UNAVAILABLE)

@@ -60,7 +60,12 @@ _MARK = ""  # set per job by _draw: "RANDOM WEIGHTS" on every figure of a random
 def _save(fig, path: Path) -> None:
     """Write ``fig`` as PNG through the run store's atomic write, and close it."""
     if _MARK:
-        fig.text(0.995, 0.005, _MARK, ha="right", va="bottom", fontsize=6, color=OBSERVED, fontweight="bold")
+        # A strip of its own below the axes, so the stamp never sits on a colour bar's label.
+        strip = 9 / (fig.get_figheight() * 72)
+        engine = fig.get_layout_engine()
+        if engine is not None and hasattr(engine, "set") and "rect" in engine.get():
+            engine.set(rect=(0, strip, 1, 1 - strip))
+        fig.text(0.995, 0.002, _MARK, ha="right", va="bottom", fontsize=6, color=OBSERVED, fontweight="bold")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
@@ -71,7 +76,7 @@ def _site_groups(sites: list[dict]) -> list[list[dict]]:
     """Return the sites split into panels of one stream and kind, in plan order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for s in sites:
-        groups.setdefault((s["stream"], s["kind"]), []).append(s)
+        groups.setdefault((s["stream"], s["stream_kind"]), []).append(s)
     return list(groups.values())
 
 

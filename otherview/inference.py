@@ -225,7 +225,8 @@ class UnitInference:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the arrays to store in the run directory (``inference.safetensors``)."""
-        out = {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high, "q": self.q,
+        out = {"d_z": self.d_z, "d_z_low": self.d_z_low, "d_z_high": self.d_z_high,
+               "p_uncorrected": self.p_uncorrected, "p_fwer": self.p_fwer, "q": self.q,
                "axis_rho": self.axis.rho, "axis_p": self.axis.p_uncorrected, "axis_p_fwer": self.axis.p_fwer,
                "axis_q": self.axis_q, "axis_max_null": self.axis.max_null}
         for name in ("g_z", "g_z_low", "g_z_high", "p_step_down", "p_fwer_error"):

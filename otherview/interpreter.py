@@ -310,6 +310,7 @@ def _opt(values, i: int):
 def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
     """Return units.csv's rows: one per analysis and unit, where the unit sits and its statistics."""
     rows = []
+    stream_kind = {s.name: s.kind for s in plan.sites}  # image / text / joint; a unit's kind is attention / mlp
     for res in results.contrasts:
         inf, d, t = res.inf, res.d, res.t
         mean_d = d.mean(axis=0)
@@ -317,7 +318,7 @@ def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
             i = u.index
             rows.append({"analysis": res.key, "contrast": res.analysis.contrast,
                          "step": "mean" if res.analysis.step is None else res.analysis.step,
-                         "unit": i, "site": u.site, "stream": u.stream, "block": u.block,
+                         "unit": i, "site": u.site, "stream": u.stream, "stream_kind": stream_kind[u.site], "block": u.block,
                          "channel_start": u.channel_start, "channel_end": u.channel_end, "kind": u.kind,
                          "head": u.head if u.kind == "attention" else "", "subgroup": u.subgroup,
                          "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
@@ -346,7 +347,8 @@ def pass_rows(plan: Plan) -> list[dict]:
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
-            loaded: model_mod.LoadedModel | None = None, workers=None, models: dict | None = None) -> Path:
+            loaded: model_mod.LoadedModel | None = None, workers=None, models: dict | None = None,
+            overrides: list[str] | None = None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
     Every check that needs no weights runs first (``checks.preflight``: all problems in one error).
@@ -356,6 +358,7 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     ``workers`` reuses a figure pool from ``figures.start_workers`` (start it before loading a
     model: forking is then cheap). Under ``accelerate launch`` every process calls this: the probe
     batches are shared and only the main process writes (see ``otherview.distributed``).
+    ``overrides`` are the ``--set`` assignments already applied to ``spec``, recorded in the manifest.
     """
     ctx = distributed.context(spec.model.device)
     if ctx.world > 1:
@@ -384,7 +387,8 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
                 "inputs": {sc.image: store.sha256_file(Path(sc.image)) for sc in plan.design.scenes if sc.image},
                 "fingerprints": {"model": store.model_fingerprint(spec.model.source), "code": store.code_fingerprint()},
                 "versions": store.versions(), "git_sha": store.git_sha(), "device": store.device_info(device),
-                "processes": ctx.world, "phases": {}}
+                "processes": ctx.world, "phases": {}, "overrides": list(overrides or []),
+                "layout_id": summary_mod.layout_id(plan)}
     store.write_json(run_dir / "manifest.json", manifest)
     store.write_csv(run_dir / "passes.csv", pass_rows(plan))
     (progress or log.info)(f"run directory {run_dir}")

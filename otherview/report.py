@@ -72,7 +72,7 @@ def _pct(n: int, of: int) -> str:
 def _block_name(row: dict) -> str:
     if row["stream"] == "single":
         return f"single-stream block {row['block']}"
-    return f"double-stream (joint MMDiT) block {row['block']}" + (" text stream" if row["kind"] == "text" else "")
+    return f"double-stream (joint MMDiT) block {row['block']}" + (" text stream" if row["stream_kind"] == "text" else "")
 
 
 def _card(summary: dict, a: dict, heading: str) -> list[str]:
@@ -140,13 +140,14 @@ def _design_methods(spec: dict, summary: dict) -> list[str]:
     sigma = ("a one-step probe starts from pure noise (sigma = 1): only the reference tokens carry the scene"
              if probe["steps"] == 1 else f"sigmas from 1 down to {1 / probe['steps']:.3g}")
     return [f"**Probe passes.** {n_passes:,} passes: {len(design['conditions'])} conditions x {summary['n_items']} "
-            f"{axis['name']} x {sc} scene(s) x {se} seed(s) ({', '.join(map(str, design['seeds']))}) x {w} wording(s), "
+            f"items ({axis['name']} fillers) x {sc} scene(s) x {se} seed(s) ({', '.join(map(str, design['seeds']))}) x {w} wording(s), "
             f"each pass run once whichever contrasts use it. Conditions ({conds}). Each pass is conditioned on its "
             f"scene's reference image, {_n(probe['steps'], 'step')} at guidance scale {probe['guidance_scale']:g} "
             f"({sigma}); {steps}; every pass of a seed starts from the same noise.", "",
-            f"**Contrasts.** {contrasts}. Per {axis['name']} (the unit of inference, N = {summary['n_items']}), d is the "
-            "weighted sum of its condition values, averaged over scenes, seeds and wordings; sign flips act on "
-            f"{axis['name']}s. This supports claims about new {axis['name']}s for these scenes, seeds and wordings, "
+            f"**Contrasts.** {contrasts}. Per item (one {axis['name']} filler, the unit of inference, N = "
+            f"{summary['n_items']}), d is the weighted sum of its condition values, averaged over scenes, seeds and "
+            "wordings; sign flips act on items. This supports claims about new items for these scenes, seeds and "
+            "wordings, "
             "not about new scenes or wordings (Clark 1973): the replication section shows each level apart.", "",
             f"**Axis.** {summary['n_items']} {axis['name']} fillers with their ranks: {fillers}.", ""]
 
@@ -177,7 +178,7 @@ def _methods(manifest: dict, summary: dict) -> list[str]:
     groups = []
     for stream, name in (("double", "double-stream"), ("single", "single-stream")):
         for kind in ("image", "text", "joint"):
-            group = [s for s in sites if s["stream"] == stream and s["kind"] == kind]
+            group = [s for s in sites if s["stream"] == stream and s["stream_kind"] == kind]
             if group:
                 attn = sum(s["attention_units"] for s in group)
                 total = sum(s["n_units"] for s in group)
@@ -260,7 +261,7 @@ def _group_table(rows: list[dict], summary: dict, a: dict, first: str, name) -> 
 
 
 def _unit_table(units: list[dict], level: float) -> list[str]:
-    cols = (f"| unit | block | kind | head | channels | t | g_z [{level:.0%} CI] | p | p (FWER) | q | ρ axis | "
+    cols = (f"| unit | block | kind | head | channels [start, end) | t | g_z [{level:.0%} CI] | p | p (FWER) | q | ρ axis | "
             "p axis (FWER) |")
     lines = [cols, "|---" * 12 + "|"]
     for u in units:
@@ -322,7 +323,7 @@ def _specificity(summary: dict, s: dict) -> list[str]:
                   "", "| unit | block | kind | head | t effect | t control | t difference | p (FWER) difference |",
                   "|---|---|---|---|---|---|---|---|"]
         for u in s["top_units"]:
-            head = "—" if u["head"] < 0 else str(u["head"])
+            head = "—" if u["head"] is None else str(u["head"])
             lines.append(f"| {u['unit']} | {u['label']} | {u['kind']} | {head} | {u['t']:.2f} | {u['t_control']:.2f} | "
                          f"{u['t_difference']:.2f} | {u['p_fwer_difference']:.3g} |")
     return lines

@@ -8,13 +8,14 @@ reported as ``file: dotted.path: message``, all at once (see ``SpecError``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 import string
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -45,19 +46,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _one_of_keys(*keys: str) -> dict[str, Any]:
+    """Return the JSON Schema rule "exactly one of ``keys`` is present" (``oneOf`` of ``required``)."""
+    return {"oneOf": [{"required": [k]} for k in keys]}
+
+
 class Experiment(_Strict):
-    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
-    description: str = ""
+    """What the experiment is called and what it asks."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                               description="The experiment's name: letters, digits, '_', '.' and '-' (it names the "
+                                           "run folder through {name} in output.dir).")]
+    description: str = Field("", description="One or two sentences on what the probe asks; printed at the top of "
+                                             "the report.")
 
 
 class ModelSpec(_Strict):
     """Where the weights come from: a hub id, a local folder, or ``builtin:tiny`` / ``builtin:klein-4b``."""
 
-    source: str = "black-forest-labs/FLUX.2-klein-base-4B"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str = "auto"
-    max_sequence_length: Annotated[int, Field(gt=0, le=4096)] = 512
-    text_encoder_out_layers: list[Annotated[int, Field(ge=0)]] | None = None
+    source: str = Field("black-forest-labs/FLUX.2-klein-base-4B",
+                        description="A hub id, a local folder written by save_pretrained, or a built-in random-weight "
+                                    "model: builtin:tiny, builtin:klein-4b or builtin:klein-9b. `otherview sites "
+                                    "--model SOURCE` lists what it can capture.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations dtype; auto: bfloat16 on CUDA, float32 on the CPU.")
+    device: str = Field("auto", json_schema_extra={"pattern": r"^(auto|cpu|cuda(:\d+)?|mps)$"},
+                        description="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    max_sequence_length: Annotated[int, Field(gt=0, le=4096)] = Field(
+        512, description="Text tokens of every prompt (padded to this length); a prompt longer than this is an error.")
+    text_encoder_out_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Text-encoder hidden layers stacked into the prompt embedding; default: the architecture's.")
 
     @field_validator("device")
     @classmethod
@@ -67,13 +85,20 @@ class ModelSpec(_Strict):
         return v
 
 
+_SCENE_PROMPT = "Generate the reference image from this prompt (with reference.steps and guidance_scale)."
+_SCENE_IMAGE = "Read the reference image from this file; a relative path is relative to the spec file's folder."
+
+
 class Scene(_Strict):
     """One reference scene: an image generated from ``prompt`` (with its own seed) or read from ``image``."""
 
-    name: Annotated[str, Field(pattern=NAME)] | None = None
-    prompt: Annotated[str, Field(min_length=1)] | None = None
-    image: Annotated[str, Field(min_length=1)] | None = None
-    seed: Seed | None = None  # default: reference.seed
+    model_config = ConfigDict(json_schema_extra=_one_of_keys("prompt", "image"))
+
+    name: Annotated[str, Field(pattern=NAME)] | None = Field(
+        None, description="The scene's name (an identifier); default scene<k>.")
+    prompt: Annotated[str, Field(min_length=1)] | None = Field(None, description=_SCENE_PROMPT)
+    image: Annotated[str, Field(min_length=1)] | None = Field(None, description=_SCENE_IMAGE)
+    seed: Seed | None = Field(None, description="Seed of this scene's generation; default: reference.seed.")
 
 
 class Reference(_Strict):
@@ -82,14 +107,20 @@ class Reference(_Strict):
     One scene (``prompt`` or ``image``) or several (``scenes``); scenes are a replication factor.
     """
 
-    prompt: Annotated[str, Field(min_length=1)] | None = None
-    image: Annotated[str, Field(min_length=1)] | None = None
-    scenes: Annotated[list[Scene], Field(min_length=1, max_length=64)] | None = None
-    steps: Annotated[int, Field(gt=0, le=1000)] = 14
-    guidance_scale: Annotated[float, Field(ge=0, le=100)] = 4.0
-    seed: Seed = 0
-    height: Annotated[int, Field(gt=0, le=4096)] = 1024
-    width: Annotated[int, Field(gt=0, le=4096)] = 1024
+    model_config = ConfigDict(json_schema_extra=_one_of_keys("prompt", "image", "scenes"))
+
+    prompt: Annotated[str, Field(min_length=1)] | None = Field(None, description=_SCENE_PROMPT)
+    image: Annotated[str, Field(min_length=1)] | None = Field(None, description=_SCENE_IMAGE)
+    scenes: Annotated[list[Scene], Field(min_length=1, max_length=64)] | None = Field(
+        None, description="Several reference scenes, each a prompt or an image: a replication factor of the design.")
+    steps: Annotated[int, Field(gt=0, le=1000)] = Field(14, description="Denoising steps of a generated reference.")
+    guidance_scale: Annotated[float, Field(ge=0, le=100)] = Field(
+        4.0, description="Guidance scale of a generated reference (above 1 on a base model: two evaluations a step).")
+    seed: Seed = Field(0, description="Seed of the reference's noise (each scene may set its own).")
+    height: Annotated[int, Field(gt=0, le=4096)] = Field(
+        1024, description="Image height in pixels (reference and probe); a multiple of the model's token size.")
+    width: Annotated[int, Field(gt=0, le=4096)] = Field(
+        1024, description="Image width in pixels (reference and probe); a multiple of the model's token size.")
 
     def scene_list(self) -> list[Scene]:
         """Return the scenes, each with its name and seed filled in (one scene for ``prompt``/``image``)."""
@@ -102,18 +133,30 @@ class Reference(_Strict):
 class Filler(_Strict):
     """One value of the slot axis (a creature), with its covariates."""
 
-    value: Annotated[str, Field(min_length=1)]
-    rank: Annotated[float, Field(ge=-1e12, le=1e12)] | None = None
-    group: str = ""
-    source: str = ""
+    value: Annotated[str, Field(min_length=1)] = Field(
+        description="The text put into the slot (e.g. \"a cat\"); unique along the axis.")
+    rank: Annotated[float, Field(ge=-1e12, le=1e12)] | None = Field(
+        None, description="The filler's position on the axis, for the rank-correlation test; default: its 1-based "
+                          "position in the list.")
+    group: str = Field("", description="A free label (e.g. \"mammal\"), carried into the run's tables.")
+    source: str = Field("", description="Where the filler comes from (a free label, e.g. \"card\").")
 
 
 class Axis(_Strict):
-    """An ordered axis of fillers for one slot of the prompt templates."""
+    """An ordered axis of fillers for one slot of the prompt templates: the items, the unit of inference."""
 
-    name: Annotated[str, Field(min_length=1)] = "filler"
-    slot: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-    fillers: Annotated[list[Filler], Field(min_length=1, max_length=4096)]
+    name: Annotated[str, Field(min_length=1)] = Field(
+        "filler", description="What one filler is, singular (e.g. \"creature\"); used in the report's labels.")
+    slot: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = Field(
+        description="The slot name every template uses as {slot}.")
+    fillers: Annotated[list[Filler], Field(min_length=1, max_length=4096)] = Field(
+        description="The items, in axis order: each is run in every condition; sign flips act on them.")
+
+
+_CONTRAST_RULES = {"oneOf": [
+    {"required": ["weights"], "not": {"anyOf": [{"required": ["a"]}, {"required": ["b"]}]}},
+    {"required": ["a", "b"], "not": {"required": ["weights"]}},
+]}
 
 
 class Contrast(_Strict):
@@ -124,10 +167,15 @@ class Contrast(_Strict):
     the founding card may omit it.
     """
 
-    name: Annotated[str, Field(pattern=NAME)] | None = None
-    a: str | None = None
-    b: str | None = None
-    weights: dict[str, Annotated[float, Field(ge=-1e6, le=1e6)]] | None = None
+    model_config = ConfigDict(json_schema_extra=_CONTRAST_RULES)
+
+    name: Annotated[str, Field(pattern=NAME)] | None = Field(
+        None, description="The contrast's name (an identifier; required in [[contrasts]], default a_vs_b in "
+                          "[contrast]); it names the analysis in every file of the run.")
+    a: str | None = Field(None, description="Shorthand: the condition weighted +1 (give b too, not weights).")
+    b: str | None = Field(None, description="Shorthand: the condition weighted -1 (give a too, not weights).")
+    weights: dict[str, Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
+        None, json_schema_extra={"minProperties": 2}, description="Condition name -> weight; at least two nonzero weights, summing to 0.")
 
     def weight_map(self) -> dict[str, float]:
         """Return the weight of each condition the contrast uses (zero weights dropped)."""
@@ -155,20 +203,27 @@ class Specificity(_Strict):
     """X beyond a control: a unit passes when ``effect`` AND ``effect - control`` pass the family-wise
     correction with the same sign (the minimum-statistic conjunction, Nichols et al. 2005)."""
 
-    name: Annotated[str, Field(pattern=NAME)]
-    effect: str
-    control: str
+    name: Annotated[str, Field(pattern=NAME)] = Field(description="The test's name (an identifier, not a contrast's).")
+    effect: str = Field(description="The name of the effect contrast (one of [[contrasts]]).")
+    control: str = Field(description="The name of the control contrast (another of [[contrasts]]).")
 
 
 class Probe(_Strict):
-    steps: Annotated[int, Field(gt=0, le=1000)] = 1
-    guidance_scale: Annotated[float, Field(ge=0, le=100)] = 1.0
+    """The probe passes: steps, guidance, seeds, batching and which steps are captured."""
+
+    steps: Annotated[int, Field(gt=0, le=1000)] = Field(
+        1, description="Denoising steps of a probe pass (1: a single evaluation from pure noise).")
+    guidance_scale: Annotated[float, Field(ge=0, le=100)] = Field(
+        1.0, description="Guidance scale of a probe pass; only the conditional evaluation is captured.")
     # One seed, or several (a replication factor): every pass of a seed starts from the same noise.
-    seed: Seed | Annotated[list[Seed], Field(min_length=1, max_length=64)] = 0
-    batch_size: Literal["auto"] | Annotated[int, Field(gt=0, le=4096)] = "auto"
+    seed: Seed | Annotated[list[Seed], Field(min_length=1, max_length=64, json_schema_extra={"uniqueItems": True})] = \
+        Field(0, description="The probe noise's seed, or a list of distinct seeds (a replication factor).")
+    batch_size: Literal["auto"] | Annotated[int, Field(gt=0, le=4096)] = Field(
+        "auto", description="Passes per transformer call; auto: sized to the device's free memory.")
     # "mean": each unit's value averages the steps; "each": every step is captured apart and
     # analysed in its own section (a multi-step probe)
-    capture_steps: Literal["mean", "each"] = "mean"
+    capture_steps: Literal["mean", "each"] = Field(
+        "mean", description="mean: a unit's value averages the steps; each: every step is captured and analysed apart.")
 
     def seeds(self) -> list[int]:
         """Return the probe seeds as a list."""
@@ -178,63 +233,116 @@ class Probe(_Strict):
 class Capture(_Strict):
     """Which projections are hooked, how channels group into units, and which tokens count."""
 
-    sites: Annotated[list[str], Field(min_length=1)] = [
-        "transformer_blocks.*.attn.to_out.0",
-        "single_transformer_blocks.*.attn.to_out",
-    ]
+    sites: Annotated[list[str], Field(min_length=1)] = Field(
+        ["transformer_blocks.*.attn.to_out.0", "single_transformer_blocks.*.attn.to_out"],
+        description="Module-name patterns (fnmatch) or roles ('attention-out image', 'attention-out text', "
+                    "'single out'); `otherview sites --model M` lists them.")
     # channels per unit, or "head": the model's head width (the rest of a single-stream input is
     # then labelled as MLP channel groups of the same width)
-    unit_width: Literal["head"] | Annotated[int, Field(gt=0, le=65536)] = 16
-    # "prompt": the text stream's real tokens only (each prompt's own length, padding excluded)
-    tokens: Literal["all", "text", "prompt", "image", "target", "reference"] = "all"
+    unit_width: Literal["head"] | Annotated[int, Field(gt=0, le=65536)] = Field(
+        16, description="Input channels per unit, or 'head' for the model's head width; must divide or be a multiple "
+                        "of the head width.")
+    tokens: Literal["all", "text", "prompt", "image", "target", "reference"] = Field(
+        "all", description="Which tokens a unit's RMS is taken over: all, text, prompt (the text stream's real "
+                           "tokens only: each prompt's own length, padding excluded), image (target + reference), "
+                           "target (the noisy latents) or reference.")
 
 
 class Null(_Strict):
-    method: Literal["auto", "exact", "random"] = "auto"
-    flips: Annotated[int, Field(gt=0, le=10**9)] = 10_000
-    seed: Seed = 0
-    thresholds: Annotated[list[Annotated[float, Field(gt=0, le=1e6)]], Field(min_length=1, max_length=16)] = [3.0, 5.0]
-    quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05  # significance level of every corrected test
-    # family-wise p: Westfall & Young's max-|t| single-step, or step-down (rejects at least as much;
-    # extra passes over the same flips)
-    fwer: Literal["step-down", "single-step"] = "step-down"
+    """The sign-flip null and the levels of the corrected tests."""
+
+    method: Literal["auto", "exact", "random"] = Field(
+        "auto", description="exact: all 2^(N-1) sign flips; random: null.flips seeded flips; auto: exact where the "
+                            "device affords it.")
+    flips: Annotated[int, Field(gt=0, le=10**9)] = Field(
+        10_000, description="Random sign flips (the observed labelling included).")
+    seed: Seed = Field(0, description="Seed of the random flips and of the axis test's permutations.")
+    thresholds: Annotated[list[Annotated[float, Field(gt=0, le=1e6)]], Field(min_length=1, max_length=16)] = Field(
+        [3.0, 5.0], description="|t| thresholds whose unit counts are compared with the null (the card's table).")
+    quantile: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.99, description="The null quantile the card's table compares counts with.")
+    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.05, description="Significance level of every corrected test (FWER, BH q, specificity).")
+    fwer: Literal["step-down", "single-step"] = Field(
+        "step-down", description="Family-wise p: Westfall & Young's max-|t| single-step, or step-down (rejects at "
+                                 "least as many units; extra passes over the same flips).")
 
 
 class Runtime(_Strict):
     """Speed settings. Defaults are the fastest that keep the numbers right (no fp8, no quantisation)."""
 
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile the transformer on CUDA
-    compile_backend: Annotated[str, Field(min_length=1)] = "inductor"  # a torch.compile backend
-    attention_backend: Annotated[str, Field(min_length=1)] = "default"  # a diffusers AttentionBackendName
-    capture_kernel: Literal["auto", "compiled", "reference"] = "auto"
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the transformer; auto: on CUDA only.")
+    compile_backend: Annotated[str, Field(min_length=1)] = Field(
+        "inductor", description="The torch.compile backend.")
+    attention_backend: Annotated[str, Field(min_length=1)] = Field(
+        "default", description="'default' or a diffusers AttentionBackendName.")
+    capture_kernel: Literal["auto", "compiled", "reference"] = Field(
+        "auto", description="The capture op: compiled (C++/CUDA), reference (plain PyTorch), auto (compiled when built).")
     # "auto": a CUDA side stream in eager mode (the reduction overlaps the projection), inline
     # under torch.compile (the capture op is part of the compiled graph)
-    capture_stream: Literal["auto", "inline", "side"] = "auto"
+    capture_stream: Literal["auto", "inline", "side"] = Field(
+        "auto", description="Where the capture reduction runs on CUDA; auto: a side stream when eager, inline when "
+                            "compiled.")
+
+
+OUTPUT_PLACEHOLDERS = ("name",)
+_OUTPUT_DIR = r"^([^{}]|\{name\})*$"  # text and {name} only: an unknown {placeholder} is an error
 
 
 class Output(_Strict):
-    dir: str = "runs/{name}"
+    """Where runs go."""
+
+    dir: Annotated[str, Field(min_length=1)] = Field(
+        "runs/{name}", json_schema_extra={"pattern": _OUTPUT_DIR}, description="The folder that receives one run directory per run (<UTC time>); {name} is "
+                                   "experiment.name. A relative path is relative to the spec file's folder.")
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        unknown = [m for m in re.findall(r"\{([^{}]*)\}", v) if m not in OUTPUT_PLACEHOLDERS]
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}} (known: "
+                             + ", ".join("{" + k + "}" for k in OUTPUT_PLACEHOLDERS) + ")")
+        if not re.fullmatch(_OUTPUT_DIR, v):
+            raise ValueError("a lone '{' or '}': the only placeholder is {name}")
+        return v
+
+
+_SPEC_RULES = {"allOf": [
+    _one_of_keys("contrast", "contrasts"),
+    {"properties": {"contrasts": {"items": {"required": ["name"]}}}},
+    # [contrast] names no contrast a specificity test could refer to
+    {"if": {"required": ["contrast"]}, "then": {"properties": {"specificity": {"maxItems": 0}}}},
+]}
 
 
 class Spec(_Strict):
-    """A validated probe spec."""
+    """A paired-prompt probe of a FLUX.2 Klein model's attention units (otherview's spec, TOML)."""
 
-    experiment: Experiment
-    model: ModelSpec = ModelSpec()
-    reference: Reference
-    axis: Axis
+    model_config = ConfigDict(json_schema_extra=_SPEC_RULES, title="otherview spec")
+
+    experiment: Experiment = Field(description="The experiment's name and description.")
+    model: ModelSpec = Field(ModelSpec(), description="The model: weights source, dtype, device, text length.")
+    reference: Reference = Field(description="The reference image(s) every probe pass is conditioned on.")
+    axis: Axis = Field(description="The slot axis: its fillers are the items.")
     # condition name -> one template, or several wordings (paired by position across conditions)
-    conditions: Annotated[dict[str, str | Annotated[list[str], Field(min_length=1, max_length=64)]],
-                          Field(min_length=2, max_length=64)]
-    contrast: Contrast | None = None  # the founding card's single contrast (shorthand)
-    contrasts: Annotated[list[Contrast], Field(min_length=1, max_length=64)] | None = None
-    specificity: Annotated[list[Specificity], Field(max_length=64)] = []
-    probe: Probe = Probe()
-    capture: Capture = Capture()
-    null: Null = Null()
-    runtime: Runtime = Runtime()
-    output: Output = Output()
+    conditions: Annotated[dict[str, str | Annotated[list[str], Field(min_length=1, max_length=64,
+                                                                     json_schema_extra={"uniqueItems": True})]],
+                          Field(min_length=2, max_length=64)] = Field(
+        json_schema_extra={"propertyNames": {"pattern": NAME}}, description="Condition name -> prompt template using {slot}, or a list of wordings (paired by position "
+                    "across conditions; every condition has the same number).")
+    contrast: Contrast | None = Field(None, description="One contrast, a/b shorthand (the founding card's form); "
+                                                        "give this or [[contrasts]].")
+    contrasts: Annotated[list[Contrast], Field(min_length=1, max_length=64)] | None = Field(
+        None, description="Named contrasts, each with weights (or a/b); give this or [contrast].")
+    specificity: Annotated[list[Specificity], Field(max_length=64)] = Field(
+        [], description="Specificity tests: units that respond to an effect contrast beyond a control contrast.")
+    probe: Probe = Field(Probe(), description="The probe passes.")
+    capture: Capture = Field(Capture(), description="What is captured: sites, unit width, tokens.")
+    null: Null = Field(Null(), description="The sign-flip null and significance level.")
+    runtime: Runtime = Field(Runtime(), description="Speed settings; they never change the numbers' meaning.")
+    output: Output = Field(Output(), description="Where the run directories go (output.dir).")
 
     def templates(self, condition: str) -> list[str]:
         """Return the wordings (templates) of ``condition``."""
@@ -433,8 +541,13 @@ def _semantic_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def parse_spec(text: str, source: str = "<spec>") -> Spec:
-    """Return the validated ``Spec`` of TOML ``text``; raise ``SpecError`` naming every problem."""
+def parse_spec(text: str, source: str = "<spec>", sets: Sequence[str] = ()) -> Spec:
+    """Return the validated ``Spec`` of TOML ``text``; raise ``SpecError`` naming every problem.
+
+    ``sets`` are ``dotted.path=value`` overrides (``--set``) applied to the parsed TOML before
+    validation (see ``apply_sets``). Relative paths stay as written: ``load_spec`` resolves them
+    against the spec file's folder.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -444,6 +557,11 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
             body = msg[: where.start()].strip()
             raise SpecError(f"{source}:{where.group(1)}:{where.group(2)}", [("", f"TOML syntax error: {body}")]) from None
         raise SpecError(source, [("", f"TOML syntax error: {msg}")]) from None
+    return validate_raw(apply_sets(raw, sets, source), source)
+
+
+def validate_raw(raw: dict[str, Any], source: str = "<spec>") -> Spec:
+    """Return the validated ``Spec`` of parsed TOML ``raw``; raise ``SpecError`` naming every problem."""
     problems: list[tuple[str, str]] = []
     spec = None
     try:
@@ -496,8 +614,13 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
 MAX_SPEC_BYTES = 1 << 20
 
 
-def load_spec(path: str | Path) -> tuple[Spec, str]:
-    """Return the validated spec at ``path`` and its raw text."""
+def load_spec(path: str | Path, sets: Sequence[str] = ()) -> tuple[Spec, str]:
+    """Return the validated spec at ``path`` (``sets`` applied, paths resolved) and its raw text.
+
+    Every relative path in a spec (``output.dir``, ``reference.image``, ``reference.scenes[k].image``)
+    is relative to the spec file's folder, wherever otherview is run from; the returned spec holds
+    them absolute (see ``resolve_paths``).
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -514,7 +637,102 @@ def load_spec(path: str | Path) -> tuple[Spec, str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(str(path), [("", "not UTF-8 text")]) from None
-    return parse_spec(text, str(path)), text
+    return resolve_paths(parse_spec(text, str(path), sets), path.parent), text
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(spec: Spec, base: str | Path) -> Spec:
+    """Return ``spec`` with ``output.dir`` and every reference image made absolute against folder ``base``.
+
+    Nothing is checked here: an image is opened and checked when the run starts.
+    """
+    base = Path(base).resolve()
+    ref = spec.reference
+    update: dict[str, Any] = {}
+    if ref.image is not None:
+        update["image"] = _resolve(ref.image, base)
+    if ref.scenes is not None:
+        update["scenes"] = [sc.model_copy(update={"image": _resolve(sc.image, base)}) if sc.image is not None else sc
+                            for sc in ref.scenes]
+    output = spec.output.model_copy(update={"dir": _resolve(spec.output.dir, base)})
+    return spec.model_copy(update={"reference": ref.model_copy(update=update), "output": output})
+
+
+_SET = re.compile(r"^\s*([A-Za-z0-9_-]+(?:\[\d+\])*(?:\.[A-Za-z0-9_-]+(?:\[\d+\])*)*)\s*=(.*)$", re.S)
+
+
+def parse_set(assignment: str) -> tuple[list[str | int], Any]:
+    """Return the path (keys and array indices) and the value of one ``dotted.path=value`` override.
+
+    The value is read as a TOML literal (``8`` an integer, ``"8"`` a string, ``[2.0, 4.0]`` an array,
+    ``true`` a boolean); text that is no TOML literal (``builtin:tiny``) is taken as a string.
+    Raise ``ValueError`` for a malformed path.
+    """
+    m = _SET.match(assignment)
+    if not m:
+        raise ValueError("should be dotted.path=value (e.g. probe.batch_size=8 or axis.fillers[0].value=\"a cat\")")
+    path: list[str | int] = []
+    for part in m.group(1).split("."):
+        key, *indices = re.split(r"\[", part)
+        path.append(key)
+        path += [int(i.rstrip("]")) for i in indices]
+    text = m.group(2).strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return path, value
+
+
+def apply_sets(raw: dict[str, Any], sets: Sequence[str | tuple[str, Any]], source: str = "<spec>") -> dict[str, Any]:
+    """Return a copy of the parsed TOML ``raw`` with each override of ``sets`` applied, in order.
+
+    An override is ``"dotted.path=value"`` (the value read by ``parse_set``) or a pair
+    ``("dotted.path", value)`` whose value is used as given. Missing tables on the way are created;
+    array items must exist. Raise ``SpecError`` naming each malformed override (``--set <it>: message``).
+    """
+    raw = copy.deepcopy(raw)
+    problems = []
+    for item in sets:
+        assignment = item if isinstance(item, str) else f"{item[0]}={item[1]!r}"
+        try:
+            path, value = parse_set(assignment)
+            if not isinstance(item, str):
+                path, value = parse_set(f"{item[0]}=0")[0], item[1]
+            node: Any = raw
+            for k, key in enumerate(path[:-1]):
+                nxt = path[k + 1]
+                if isinstance(key, int):
+                    if not isinstance(node, list) or not -len(node) <= key < len(node):
+                        raise ValueError(f"{_loc(tuple(path[:k + 1]))} is not an existing array item")
+                elif not isinstance(node, dict):
+                    raise ValueError(f"{_loc(tuple(path[:k]))} is not a table")
+                elif key not in node:
+                    node[key] = [] if isinstance(nxt, int) else {}
+                node = node[key]
+            last = path[-1]
+            if isinstance(last, int):
+                if not isinstance(node, list) or not -len(node) <= last < len(node):
+                    raise ValueError(f"{_loc(tuple(path))} is not an existing array item")
+            elif not isinstance(node, dict):
+                raise ValueError(f"{_loc(tuple(path[:-1]))} is not a table")
+            node[last] = value
+        except ValueError as exc:
+            problems.append((f"--set {assignment.strip()}", str(exc)))
+    if problems:
+        raise SpecError(source, problems)
+    return raw
+
+
+def with_sets(spec: Spec, sets: Sequence[str | tuple[str, Any]], source: str = "<spec>") -> Spec:
+    """Return ``spec`` with overrides applied (as ``apply_sets``) and validated again, every check included."""
+    if not sets:
+        return spec
+    return validate_raw(apply_sets(spec.model_dump(mode="json", exclude_none=True), sets, source), source)
 
 
 def spec_hash(spec: Spec) -> str:
@@ -534,6 +752,19 @@ def with_overrides(spec: Spec, overrides: dict[str, Any]) -> Spec:
     return spec
 
 
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
 def json_schema() -> dict[str, Any]:
-    """Return the JSON Schema of the spec, for editors."""
-    return Spec.model_json_schema()
+    """Return the JSON Schema (draft 2020-12) of a spec, for editors and validators.
+
+    Generated from the same models as validation, with a description on every field, strict types
+    and the cross-field rules a schema can express (exactly one of ``reference.prompt``/``image``/
+    ``scenes`` and of a scene's ``prompt``/``image``; ``[contrast]`` or ``[[contrasts]]``; a contrast's
+    ``weights`` or ``a`` and ``b``; names in ``[[contrasts]]``; no specificity test with ``[contrast]``;
+    condition names; distinct seeds and wordings; known placeholders in ``output.dir``). What only
+    ``otherview validate`` checks is listed in the README (and tested in ``tests/test_schema_cli.py``).
+    """
+    schema = Spec.model_json_schema()
+    return {"$schema": SCHEMA_DIALECT, **schema}
+

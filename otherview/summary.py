@@ -8,6 +8,8 @@ replication breakdown (per level of each factor, and the consistency across leve
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -18,15 +20,18 @@ from .plan import Plan
 
 TOP_UNITS = 20
 TOP_AXIS = 10
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: layout id, stream_kind, half-open channels, head None for MLP units
 
 
 def unit_record(plan: Plan, i: int, res: ContrastResult) -> dict:
     """Return one unit's row for the report's tables: where it sits and its statistics in ``res``."""
     u, inf, d, t = plan.units[i], res.inf, res.d, res.t
     site = next(s for s in plan.sites if s.name == u.site)
+    # channels are half-open [start, end), as everywhere in a run; head is None (not -1) for MLP units
     return {"unit": u.index, "site": u.site, "label": inference.site_label(site.stream, site.block, site.kind),
-            "kind": u.kind, "head": u.head, "subgroup": u.subgroup, "channels": f"{u.channel_start}-{u.channel_end - 1}",
+            "stream_kind": site.kind, "kind": u.kind, "head": u.head if u.kind == "attention" else None,
+            "subgroup": u.subgroup, "channel_start": u.channel_start, "channel_end": u.channel_end,
+            "channels": f"[{u.channel_start}, {u.channel_end})",
             "t": float(t[i]), "mean_d": float(d[:, i].mean()), "d_z": float(inf.d_z[i]),
             "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
             "g_z": _num(inf.g_z, i), "g_z_low": _num(inf.g_z_low, i), "g_z_high": _num(inf.g_z_high, i),
@@ -44,21 +49,58 @@ def _num(values, i: int):
     return v if np.isfinite(v) else None
 
 
+#: The transformer config keys that fix which units exist and what their channels hold.
+_LAYOUT_CONFIG = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "mlp_ratio",
+                  "joint_attention_dim", "in_channels")
+
+
+def layout_id(plan: Plan) -> str:
+    """Return the id of the run's unit layout: two runs whose ids are equal have the same units in the same order.
+
+    A SHA-256 (first 16 hex digits) over the architecture's shape (the transformer config's widths
+    and block counts, and the pipeline class, which orders the image stream), the capture settings
+    (sites with their widths and token segments, unit width, counted tokens) and the token counts.
+    Weights, prompts and seeds do not enter: a random-weight run and a trained one of the same
+    architecture and capture settings share an id, so their units can be matched by index.
+    """
+    arch = plan.arch
+    key = {"architecture": {k: arch.transformer.get(k) for k in _LAYOUT_CONFIG} | {"pipeline": arch.pipeline_class},
+           "unit_width": plan.unit_width, "tokens": plan.spec.capture.tokens,
+           "token_counts": [plan.text_tokens, plan.target_tokens, plan.reference_tokens],
+           "sites": [[s.name, s.width, s.attention_width, s.n_units, list(s.segment)] for s in plan.sites]}
+    canon = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
 def layout(plan: Plan) -> dict[str, Any]:
-    """Return the unit layout: unit width, token counts and every site's units."""
+    """Return the unit layout: its id, unit width, token counts and every site's units.
+
+    ``stream_kind`` is the stream a site's input holds (image, text or joint); a unit's ``kind`` is
+    attention or mlp.
+    """
     g = plan.unit_width
-    return {"unit_width": g, "tokens": plan.spec.capture.tokens, "text_tokens": plan.text_tokens,
+    return {"id": layout_id(plan), "architecture": plan.arch.name or plan.arch.source, "unit_width": g,
+            "tokens": plan.spec.capture.tokens, "text_tokens": plan.text_tokens,
             "target_tokens": plan.target_tokens, "reference_tokens": plan.reference_tokens,
             "sites": [{"name": s.name, "label": inference.site_label(s.stream, s.block, s.kind), "stream": s.stream,
-                       "block": s.block, "kind": s.kind, "unit_offset": s.unit_offset, "n_units": s.n_units,
+                       "block": s.block, "stream_kind": s.kind, "unit_offset": s.unit_offset, "n_units": s.n_units,
                        "attention_units": s.attention_width // g, "counted_tokens": s.segment[1] - s.segment[0],
                        "tokens": s.tokens} for s in plan.sites]}
+
+
+def _site_rows(rows: list[dict]) -> list[dict]:
+    """Return the per-site group rows with the site's stream kind under ``stream_kind`` (``kind`` is a unit's)."""
+    for r in rows:
+        if "kind" in r:
+            r["stream_kind"] = r.pop("kind")
+    return rows
 
 
 def analysis_summary(plan: Plan, res: ContrastResult) -> dict[str, Any]:
     """Return one analysis's record: card table, groups, strongest block, top units, axis, null."""
     spec, d, t, inf, null = plan.spec, res.d, res.t, res.inf, res.null
     groups = inference.group_summaries(plan, t, inf, alpha=spec.null.alpha)
+    groups["sites"] = _site_rows(groups["sites"])
     strongest = inference.strongest_site(groups["sites"], spec.null.thresholds)
     by_t = np.argsort(-np.abs(t), kind="stable")[:TOP_UNITS]
     by_axis = np.lexsort((-np.abs(inf.axis.rho), inf.axis.p_uncorrected, inf.axis.p_fwer))[:TOP_AXIS]

@@ -79,7 +79,7 @@ def test_methods_say_exactly_what_was_run(klein_run):
     for expected in ["`builtin:klein-4b`, **random weights**", "A photographic kitchen scene, seen at eye level",
                      "14 steps, guidance scale 4, seed 0", "(at 1024x1024)", "1 step at guidance scale 1",
                      "1 seed(s) (0)", "every pass of a seed starts from the same noise",
-                     "d = viewpoint − mention", "Per creature (the unit of inference, N = 30)",
+                     "d = viewpoint − mention", "Per item (one creature filler, the unit of inference, N = 30)",
                      "1 an adult human; 2 a tall person", "30 an alien with non-visual senses",
                      "5 double-stream image-stream sites x 192 units (960 attention, 0 MLP), 8,192 counted tokens",
                      "20 single-stream joint-stream sites x 768 units (3,840 attention, 11,520 MLP), 8,704 counted tokens",

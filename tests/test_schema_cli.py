@@ -29,10 +29,13 @@ def _raw(path: Path = SMALL) -> dict:
 
 
 def _validates(raw: dict) -> bool:
+    """Return what `otherview validate` says of ``raw``: the spec's rules, then the design's."""
+    from otherview.design import DesignError, build_design
+
     try:
-        validate_raw(raw)
+        build_design(validate_raw(raw))
         return True
-    except SpecError:
+    except (SpecError, DesignError):
         return False
 
 

@@ -102,7 +102,13 @@ def load_run(run_dir: str | Path, model_override: str | None = None) -> RunConte
     spec = Spec.model_validate(manifest["spec"])
     source = model_override or manifest["model"]["source"]
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": source})})
-    plan = build_plan(spec, model_mod.architecture(source), build_design(spec))
+    from .design import DesignError
+    from .plan import PlanError
+
+    try:
+        plan = build_plan(spec, model_mod.architecture(source), build_design(spec))
+    except (DesignError, PlanError) as exc:
+        raise CausalError([(f"manifest.spec.{p}" if p else "manifest.spec", m) for p, m in exc.problems]) from None
     arrays = store.read_tensors(run_dir / "rms.safetensors")
     if arrays["rms"].shape[1] != plan.n_units:
         raise CausalError([("--model", f"{source} has {plan.n_units} units under this spec; the run has "

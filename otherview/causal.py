@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import capture as capture_mod
 from . import intervention as iv_mod
 from . import model as model_mod
 from . import store
@@ -289,30 +288,20 @@ def _reference_images(ctx: RunContext) -> list:
     return [Image.open(ctx.run_dir / n).convert("RGB") for n in names]
 
 
-def _cells(plan: Plan, a: str, b: str) -> tuple[list, np.ndarray]:
-    """Return (A pass, B pass) of every cell, item-major, and each cell's item."""
-    design = plan.design
-    ca, cb = design.conditions.index(a), design.conditions.index(b)
-    cells, items = [], []
-    n, s, e, w = design.cell.shape[1:]
-    for i in range(n):
-        for si in range(s):
-            for ei in range(e):
-                for wi in range(w):
-                    cells.append((design.passes[design.cell[ca, i, si, ei, wi]],
-                                  design.passes[design.cell[cb, i, si, ei, wi]]))
-                    items.append(i)
-    return cells, np.asarray(items)
+def _check_request(req: Request) -> None:
+    if req.intervention not in INTERVENTIONS:
+        raise CausalError([("--intervention", f"one of {', '.join(INTERVENTIONS)}")])
+    if req.random_sets < 1:
+        raise CausalError([("--random-sets", "at least 1")])
 
 
-def _chunk(plan: Plan, device: torch.device, dtype: torch.dtype, batch_size: int) -> int:
-    """Return how many cells' recorded site inputs (patching) fit beside the model: a quarter of free memory."""
-    per_cell = plan.spec.probe.steps * sum((s.segment[1] - s.segment[0]) * s.width for s in plan.sites)
-    per_cell *= torch.finfo(dtype).bits // 8
-    if device.type != "cuda":
-        return max(1, min(batch_size, int(2**30 // per_cell)))
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(batch_size, int(free * 0.25 // per_cell)))
+def _reproduced(ctx: RunContext, passes: list, rms: np.ndarray) -> float | None:
+    """Return the largest relative difference between the reloaded model's RMS and the run's (None: per-step run)."""
+    design = ctx.plan.design
+    if design.steps != [None]:
+        return None
+    old = ctx.arrays["rms"][[design.row(p.index, 0) for p in passes]].astype(np.float64)
+    return float(np.max(np.abs(rms - old) / np.maximum(np.abs(old), 1e-12)))
 
 
 def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = None,
@@ -326,32 +315,29 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     from .interpreter import auto_batch_size, prepare_probe_inputs
 
     say = progress or (lambda msg: log.info(msg))
-    if req.intervention not in INTERVENTIONS:
-        raise CausalError([("--intervention", f"one of {', '.join(INTERVENTIONS)}")])
-    if req.random_sets < 1:
-        raise CausalError([("--random-sets", "at least 1")])
+    _check_request(req)
     ctx = load_run(run_dir, req.model)
-    plan = ctx.plan
+    plan, spec = ctx.plan, ctx.plan.spec
     sel = select_units(ctx, req)
     a, b = condition_pair(plan, sel.contrast)
     sets = [sel.units] + random_sets(plan, sel.units, req.random_sets, req.seed)
     distinct = list(dict.fromkeys(tuple(s) for s in sets))  # each distinct set is run once
-    which = np.array([distinct.index(tuple(s)) for s in sets])
     clock, start = Timings(), time.perf_counter()
-    spec = plan.spec
     if loaded is None:
         say(f"loading {spec.model.source}")
         loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
     dev = loaded.device
     start = clock.mark("load_model", start, dev)
-    inputs = prepare_probe_inputs(loaded, plan, _reference_images(ctx))
-    fwd = passes_mod.make_forward(loaded, plan, inputs)
+    fwd = passes_mod.make_forward(loaded, plan, prepare_probe_inputs(loaded, plan, _reference_images(ctx)))
     start = clock.mark("encode", start, dev)
-    cells, cell_items = _cells(plan, a, b)
+    cells, cell_items = passes_mod.cells_of(plan, a, b)
     batch = req.batch_size or plan.batch_size or auto_batch_size(plan, dev)
     say(f"baseline: {2 * len(cells)} passes of {a} and {b}")
-    base, means = passes_mod.baseline(fwd, [c[0] for c in cells] + [c[1] for c in cells], batch,
-                                      mean=req.intervention == "mean")
+    order = [c[0] for c in cells] + [c[1] for c in cells]
+    base, rms, means = passes_mod.baseline(fwd, order, batch, mean=req.intervention == "mean")
+    drift = _reproduced(ctx, order, rms)
+    if drift is not None and drift > 1e-2:
+        say(f"warning: the reloaded model's RMS differ from the run's by up to {drift:.3g} (relative)")
     pred_a, pred_b = base[: len(cells)], base[len(cells):]
     start = clock.mark("baseline", start, dev)
     n_items = len(plan.design.items)
@@ -359,45 +345,35 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     masks = iv_mod.channel_masks(plan, [list(s) for s in distinct], dev)
     say(f"intervention ({req.intervention}) on {len(distinct)} distinct unit sets x {len(cells)} cells of {a}, "
         f"batches of {batch}")
-    first = {}
-    for j, (pa, _) in enumerate(cells):  # the first cell of each item: the one shown in images
-        first.setdefault(int(cell_items[j]), j)
-    x0 = passes_mod.intervened(fwd, req.intervention, masks, cells, cell_items, pred_a, pred_b, batch,
-                               _chunk(plan, dev, loaded.dtype, batch), acc, means, say)
+    passes_mod.intervened(fwd, req.intervention, masks, cells, cell_items, pred_a, pred_b, batch,
+                          passes_mod.chunk_size(plan, dev, loaded.dtype, batch), acc, means, say)
     start = clock.mark("intervened", start, dev)
     gap_sq = np.zeros(n_items)
     np.add.at(gap_sq, cell_items, (pred_b - pred_a).square().flatten(1).sum(1).double().cpu().numpy())
+    which = np.array([distinct.index(tuple(s)) for s in sets])
     eff = effects(acc.dot[which], acc.moved_sq[which], gap_sq)
-    result = compare(eff)
-    pictures = _images(fwd, req, plan, masks, cells, cell_items, pred_a, pred_b, means, first) if req.images else None
+    first = {int(i): j for j, i in reversed(list(enumerate(cell_items)))}  # each item's first cell
+    pictures = (passes_mod.images(fwd, req, plan, masks, cells, cell_items, pred_a, pred_b, means, first)
+                if req.images else None)
     clock.mark("images", start, dev)
-    record = _record(ctx, req, sel, (a, b), sets, len(distinct), eff, result, len(cells), batch, loaded, clock)
+    record = _record(ctx, req, sel, (a, b), sets, len(distinct), eff, compare(eff), len(cells), batch, loaded, clock)
+    record["reproduced_rms_max_relative_difference"] = drift
+    _write(ctx, record, eff, sets, pictures, [plan.design.items[i].value for i in sorted(first)[: req.images]])
+    return record
+
+
+def _write(ctx: RunContext, record: dict, eff: Effects, sets: list, pictures, items: list[str]) -> None:
+    """Write ``causal.safetensors`` and ``causal.json`` (atomically, the JSON last)."""
+    a, b = record["contrast"]["a"], record["contrast"]["b"]
     arrays = {"toward": eff.toward, "moved": eff.moved, "gap": eff.gap, "sets": np.asarray(sets, dtype=np.int64)}
     if pictures is not None:
         arrays["images"] = pictures
-        record["images"] = {"items": [plan.design.items[i].value for i in sorted(first)[: req.images]],
-                            "rows": [f"{a}", f"{a} + {req.intervention} on the selected units", f"{b}"],
+        record["images"] = {"items": items, "rows": [a, f"{a} + {record['intervention']} on the selected units", b],
                             "what": "the last probe step's clean-image estimate (latents - sigma * velocity), decoded "
                                     "by the VAE: a one-step probe from pure noise shows what one prediction holds, "
                                     "not a finished generation"}
     store.write_tensors(ctx.run_dir / "causal.safetensors", arrays)
     store.write_json(ctx.run_dir / "causal.json", record)
-    return record
-
-
-def _images(fwd, req, plan, masks, cells, cell_items, pred_a, pred_b, means, first) -> np.ndarray:
-    """Return decoded clean estimates ``[3, n, H, W, 3]`` uint8: A, A' (selected set), B for the first items."""
-    from . import causal_passes as passes_mod
-
-    chosen = [first[i] for i in sorted(first)[: req.images]]
-    sub = [cells[j] for j in chosen]
-    scratch = passes_mod.Accumulator(np.zeros((1, len(cell_items))), np.zeros((1, len(cell_items))))
-    sel_masks = {k: m[:1] for k, m in masks.items()}
-    x0_sel = passes_mod.intervened(fwd, req.intervention, sel_masks, sub, np.arange(len(sub)), pred_a[chosen],
-                                   pred_b[chosen], len(sub), len(sub), scratch, means, x0_cells=len(sub))
-    _, x0_a = fwd([c[0] for c in sub], x0=True)
-    _, x0_b = fwd([c[1] for c in sub], x0=True)
-    return np.stack([passes_mod.decode(fwd.loaded, plan, x) for x in (x0_a, x0_sel, x0_b)])
 
 
 def _record(ctx, req, sel, pair, sets, n_distinct, eff, result, n_cells, batch, loaded, clock) -> dict:

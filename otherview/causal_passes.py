@@ -104,32 +104,46 @@ def _batches(n: int, size: int):
 
 @torch.no_grad()
 def baseline(fwd: Forward, passes: list[ProbePass], batch_size: int, mean: bool = False):
-    """Return every pass's velocity ``[passes, steps, target, channels]`` and, with ``mean``, the mean site inputs.
+    """Return every pass's velocity, its captured RMS, and (with ``mean``) the mean site inputs.
 
-    The mean is per site, step, token and channel over all the given passes: ``{site: [steps, 1,
-    seg_tokens, width]}`` in the model's dtype (accumulated in fp32).
+    Returns
+    -------
+    velocity : torch.Tensor, shape (passes, steps, target_tokens, channels), float32
+    rms : ndarray, shape (passes, n_units)
+        The capture hooks' RMS over the probe's steps, as ``exec`` measured it (to check the reload).
+    means : dict of site name -> torch.Tensor, shape (steps, 1, seg_tokens, width)
+        Per site, step, token and channel, the mean over all the given passes, in the model's dtype
+        (accumulated in fp32); empty without ``mean``.
     """
+    from . import capture as capture_mod
+
     plan, dev = fwd.plan, fwd.loaded.device
     steps = plan.spec.probe.steps
-    rec = iv_mod.record(fwd.loaded.pipe.transformer, plan) if mean else None
+    transformer = fwd.loaded.pipe.transformer
+    cap = capture_mod.attach(transformer, plan, torch.zeros(batch_size, 1, plan.n_units, device=dev))
+    rec = iv_mod.record(transformer, plan) if mean else None
     sums = {s.name: torch.zeros(steps, s.segment[1] - s.segment[0], s.width, device=dev) for s in plan.sites} if mean else {}
-    preds = []
+    preds, rms = [], []
     try:
         for a, z in _batches(len(passes), batch_size):
+            cap.reset(z - a)
             if rec is not None:
                 rec.weights = torch.ones(z - a, device=dev)
 
             def point(step: int) -> None:
+                cap.evaluations += 1
                 if rec is not None:
                     rec.sums = {name: s[step] for name, s in sums.items()}
 
-            v, _ = fwd(passes[a:z], before_step=point, hooks=(rec,) if rec else ())
+            v, _ = fwd(passes[a:z], before_step=point, hooks=(cap, rec) if rec else (cap,))
             preds.append(v)
+            rms.append(cap.rms().numpy())
     finally:
+        cap.detach()
         if rec is not None:
             rec.detach()
     means = {name: (s / len(passes)).to(fwd.loaded.dtype)[:, None] for name, s in sums.items()}
-    return torch.cat(preds), means
+    return torch.cat(preds), np.concatenate(rms), means
 
 
 @dataclass
@@ -225,3 +239,42 @@ def decode(loaded, plan: Plan, latents: torch.Tensor) -> np.ndarray:
     image = pipe.vae.decode(x, return_dict=False)[0]
     image = pipe.image_processor.postprocess(image, output_type="np")
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def cells_of(plan: Plan, a: str, b: str) -> tuple[list, np.ndarray]:
+    """Return (A pass, B pass) of every cell, item-major, and each cell's item."""
+    design = plan.design
+    ca, cb = design.conditions.index(a), design.conditions.index(b)
+    cells, items = [], []
+    n, s, e, w = design.cell.shape[1:]
+    for i in range(n):
+        for si in range(s):
+            for ei in range(e):
+                for wi in range(w):
+                    cells.append((design.passes[design.cell[ca, i, si, ei, wi]],
+                                  design.passes[design.cell[cb, i, si, ei, wi]]))
+                    items.append(i)
+    return cells, np.asarray(items)
+
+
+def chunk_size(plan: Plan, device: torch.device, dtype: torch.dtype, batch_size: int) -> int:
+    """Return how many cells' recorded site inputs (patching) fit beside the model: a quarter of free memory."""
+    per_cell = plan.spec.probe.steps * sum((s.segment[1] - s.segment[0]) * s.width for s in plan.sites)
+    per_cell *= torch.finfo(dtype).bits // 8
+    if device.type != "cuda":
+        return max(1, min(batch_size, int(2**30 // per_cell)))
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(batch_size, int(free * 0.25 // per_cell)))
+
+
+def images(fwd, req, plan, masks, cells, cell_items, pred_a, pred_b, means, first) -> np.ndarray:
+    """Return decoded clean estimates ``[3, n, H, W, 3]`` uint8: A, A' (selected set), B for the first items."""
+    chosen = [first[i] for i in sorted(first)[: req.images]]
+    sub = [cells[j] for j in chosen]
+    scratch = Accumulator(np.zeros((1, len(cell_items))), np.zeros((1, len(cell_items))))
+    sel_masks = {k: m[:1] for k, m in masks.items()}
+    x0_sel = intervened(fwd, req.intervention, sel_masks, sub, np.arange(len(sub)), pred_a[chosen],
+                                   pred_b[chosen], len(sub), len(sub), scratch, means, x0_cells=len(sub))
+    _, x0_a = fwd([c[0] for c in sub], x0=True)
+    _, x0_b = fwd([c[1] for c in sub], x0=True)
+    return np.stack([decode(fwd.loaded, plan, x) for x in (x0_a, x0_sel, x0_b)])

@@ -153,6 +153,7 @@ def test_planted_units_are_found_and_random_sets_are_not(planted_run, fine_plan)
     req = causal.Request(units=PLANTED, intervention="patch", random_sets=40, seed=1)
     record = causal.run_causal(run_dir, req, loaded=loaded)
     r = record["result"]
+    assert record["reproduced_rms_max_relative_difference"] < 1e-6  # the reload computes what exec measured
     assert record["selection"]["strata"] == [{"site": "single_transformer_blocks.0.attn.to_out", "kind": "attention",
                                               "count": 2}]
     arrays = causal.store.read_tensors(run_dir / "causal.safetensors")

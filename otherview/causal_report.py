@@ -111,9 +111,19 @@ def section(run_dir: str | Path, record: dict, arrays: dict, mark: str = "") -> 
     return lines
 
 
+def _without_section(text: str) -> str:
+    """Return report.md's text with any Causal test section already in it taken out."""
+    start = text.find("## Causal test\n")
+    if start < 0:
+        return text
+    end = text.find("\n## ", start + 1)
+    return text[:start] + (text[end + 1:] if end >= 0 else "")
+
+
 def with_causal(run_dir: str | Path, text: str) -> str:
     """Return ``text`` (report.md) with the Causal test section before its References, if the run has one."""
     run_dir = Path(run_dir)
+    text = _without_section(text)
     if not (run_dir / "causal.json").exists():
         return text
     record = store.read_json(run_dir / "causal.json")
@@ -122,3 +132,10 @@ def with_causal(run_dir: str | Path, text: str) -> str:
     block = "\n".join(section(run_dir, record, arrays, mark)) + "\n"
     at = text.find("\n## References")
     return text + "\n" + block if at < 0 else text[: at + 1] + block + text[at + 1:]
+
+
+def update_report(run_dir: str | Path) -> Path:
+    """Put the Causal test section into ``run_dir``'s report.md without redrawing the run's own figures."""
+    path = Path(run_dir) / "report.md"
+    store.atomic_write_text(path, with_causal(run_dir, path.read_text()))
+    return path

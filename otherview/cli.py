@@ -197,9 +197,9 @@ def causal(run_dir: str, contrast: str | None, top: int | None, units: list[int]
            model_override: str | None, quiet: bool) -> None:
     """Intervene on a finished run's units against matched random unit sets; add a Causal test to its report."""
     from .causal import CausalError, Request, run_causal
+    from .causal_report import update_report
     from .model import ModelUnavailable
     from .plan import PlanError
-    from .report import write_report
 
     start = time.perf_counter()
 
@@ -215,7 +215,7 @@ def causal(run_dir: str, contrast: str | None, top: int | None, units: list[int]
         _fail(_problems(run_dir, exc.problems), EXIT_SPEC)
     except ModelUnavailable as exc:
         _fail(f"error: {exc}", EXIT_UNAVAILABLE)
-    write_report(run_dir)
+    update_report(run_dir)  # `otherview report RUN_DIR` redraws everything, this section included
     r = record["result"]
     click.echo(f"{run_dir}: {record['selection']['count']} units, {intervention}: toward {r['selected_mean_toward']:.3g} "
                f"(random median {r['random_median_toward']:.3g}), permutation p {r['p_permutation']:.3g}")

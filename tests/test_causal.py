@@ -187,5 +187,8 @@ def test_cli_follow_up_writes_the_report_section(planted_run, runner, monkeypatc
     assert (run_dir / "figures" / "causal_random_sets.png").exists()
     assert (run_dir / "figures" / "causal_images.png").exists()
     assert causal.store.read_tensors(run_dir / "causal.safetensors")["images"].shape[:2] == (3, 2)
+    again = runner.invoke(main, ["report", str(run_dir)])  # a full re-render keeps the section, once
+    assert again.exit_code == 0, again.output
+    assert (run_dir / "report.md").read_text().count("## Causal test") == 1
     bad = runner.invoke(main, ["causal", str(run_dir), "--contrast", "nope", "--top", "3"])
     assert bad.exit_code == 2 and "no analysis 'nope'" in bad.output

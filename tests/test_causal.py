@@ -192,3 +192,43 @@ def test_cli_follow_up_writes_the_report_section(planted_run, runner, monkeypatc
     assert (run_dir / "report.md").read_text().count("## Causal test") == 1
     bad = runner.invoke(main, ["causal", str(run_dir), "--contrast", "nope", "--top", "3"])
     assert bad.exit_code == 2 and "no analysis 'nope'" in bad.output
+
+
+def _specificity_context(fine_plan):
+    """A run context without a model: the small design with a control, and made-up t and conjunction arrays."""
+    text = _spec_text(4).replace(
+        '[contrast]\na = "viewpoint"\nb = "mention"',
+        '[[contrasts]]\nname = "perspective"\nweights = { viewpoint = 1, mention = -1 }\n\n'
+        '[[contrasts]]\nname = "wording"\nweights = { reworded = 1, mention = -1 }\n\n'
+        '[[specificity]]\nname = "beyond"\neffect = "perspective"\ncontrol = "wording"')
+    text = text.replace('mention = "Render this kitchen with {animal} in it"',
+                        'mention = "Render this kitchen with {animal} in it"\nreworded = "Render this kitchen, {animal} included"')
+    plan = build_plan(parse_spec(text), architecture("builtin:tiny"))
+    n = plan.n_units
+    t = np.linspace(-3, 4, n)
+    diff = plan.design.specificity[0].difference
+    arrays = {"rms": np.ones((len(plan.passes), n), np.float32), "perspective/t": t, "wording/t": -t,
+              f"{diff}/t": np.r_[np.full(n - 5, 0.1), np.arange(5.0)], "beyond/passed": np.r_[np.zeros(n - 5), np.ones(5)]}
+    summary = {"specificity": [{"name": "beyond", "key": "beyond", "effect": "perspective", "difference": diff}]}
+    return causal.RunContext(Path("."), {}, summary, arrays, plan)
+
+
+def test_unit_selection(fine_plan):
+    ctx = _specificity_context(fine_plan)
+    n = ctx.plan.n_units
+    top = causal.select_units(ctx, causal.Request(contrast="perspective", top=3))
+    assert top.units == [n - 3, n - 2, n - 1] and top.contrast == "perspective" and top.analysis == "perspective"
+    assert causal.select_units(ctx, causal.Request(contrast="wording", top=1)).units == [n - 1]
+    spec = causal.select_units(ctx, causal.Request(specificity="beyond", top=2))
+    # passing units ranked by the smaller of |t effect| and |t difference|: the last two
+    assert spec.units == [n - 2, n - 1] and spec.contrast == "perspective"
+    listed = causal.select_units(ctx, causal.Request(units=[4, 2], contrast="wording"))
+    assert listed.units == [2, 4] and listed.contrast == "wording"
+    assert causal.condition_pair(ctx.plan, "wording") == ("reworded", "mention")
+    for bad, where in [(causal.Request(), ""), (causal.Request(units=[n]), "--units"),
+                       (causal.Request(contrast="perspective", top=n + 1), "--top"),
+                       (causal.Request(specificity="nope"), "--specificity"),
+                       (causal.Request(units=[1], specificity="beyond"), "")]:
+        with pytest.raises(causal.CausalError) as err:
+            causal.select_units(ctx, bad)
+        assert err.value.problems[0][0] == where

@@ -181,7 +181,9 @@ def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cell
     x0_out = []
     try:
         for c0, c1 in _batches(len(cells), chunk):
-            tables = None
+            tables, iv.sources = None, {}  # let the last chunk's recordings go before the next is allocated
+            if rec is not None:
+                rec.targets = {}
             if rec is not None:  # B's site inputs of this chunk's cells, per step
                 tables = {s.name: torch.empty(steps, c1 - c0, s.segment[1] - s.segment[0], s.width, device=dev,
                                               dtype=fwd.loaded.dtype) for s in plan.sites}

@@ -87,7 +87,9 @@ def section(run_dir: str | Path, record: dict, arrays: dict, mark: str = "") -> 
              "⟨v_A′ − v_A, v_B − v_A⟩ / ‖v_B − v_A‖² (1: the prediction moves all the way to B's along the gap; 0: not at "
              "all); moved = ‖v_A′ − v_A‖ / ‖v_B − v_A‖ is the change in any direction. **Control.** "
              f"{rs['count']} random unit sets matched in count per site and kind (seed {rs['seed']}; "
-             f"{rs['distinct_sets_run']} distinct sets run, the selected included).", "",
+             f"{rs['distinct_sets_run']} distinct sets run, the selected included)."
+             + (f" {rs['equal_to_selected']} of the random draws are the selected set itself (its strata are small), "
+                "which bounds how small p can be." if rs["equal_to_selected"] else ""), "",
              "| set | mean toward | mean moved |", "|---|---|---|",
              f"| selected | {r['selected_mean_toward']:.3g} | {r['selected_mean_moved']:.3g} |",
              f"| random (median; 95th percentile) | {r['random_median_toward']:.3g}; {r['random_q95_toward']:.3g} | "

@@ -69,6 +69,35 @@ def test_hooks_change_only_masked_rows_and_restore_bitwise(tiny_pipe, plan):
 
 
 @torch.no_grad()
+def test_patching_a_pass_with_its_own_inputs_changes_nothing(tiny_pipe, plan):
+    """The patch path end to end (record, gather per row, overwrite): a row patched from itself is unchanged,
+    and a row patched from the other row takes that row's inputs at every masked channel."""
+    transformer = tiny_pipe.transformer
+    inputs = _inputs(plan, 2, seed=2)
+    before = transformer(**inputs)[0]
+    tables = {s.name: torch.empty(2, s.segment[1] - s.segment[0], s.width) for s in plan.sites}
+    with intervention.record(transformer, plan) as rec:
+        rec.targets = tables
+        transformer(**inputs)
+    everything = [list(range(plan.n_units))]
+    with intervention.attach(transformer, plan, 2, "cpu") as iv:
+        iv.set_rows(intervention.channel_masks(plan, everything, "cpu"), torch.tensor([0, 0]))
+        iv.sources, iv.source_rows = tables, torch.tensor([0, 1])
+        assert torch.equal(transformer(**inputs)[0], before)
+        seen = {}
+        handles = [transformer.get_submodule(s.name).register_forward_pre_hook(
+            lambda m, a, name=s.name: seen.__setitem__(name, a[0].clone())) for s in plan.sites]
+        iv.source_rows = torch.tensor([1, 1])  # row 0 reads row 1's recorded inputs
+        try:
+            transformer(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    for s in plan.sites:
+        assert torch.equal(seen[s.name][0, s.segment[0]:s.segment[1]], tables[s.name][1])
+
+
+@torch.no_grad()
 def test_zeroing_a_whole_site_leaves_its_bias(tiny_pipe, plan):
     transformer = tiny_pipe.transformer
     site = plan.sites[-1]  # the single-stream to_out: [attention | MLP] input

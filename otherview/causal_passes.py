@@ -161,6 +161,24 @@ class Accumulator:
         np.add.at(self.moved_sq, (sets, items), m)
 
 
+def _record_sources(fwd: Forward, rec: iv_mod.Recorder, iv: iv_mod.Intervention, passes: list[ProbePass]) -> dict:
+    """Return B's site inputs for ``passes``, unintervened: ``{site: [steps, passes, seg_tokens, width]}``."""
+    plan, dev = fwd.plan, fwd.loaded.device
+    rec.targets = {}
+    tables = {s.name: torch.empty(plan.spec.probe.steps, len(passes), s.segment[1] - s.segment[0], s.width,
+                                  device=dev, dtype=fwd.loaded.dtype) for s in plan.sites}
+
+    def keep(step: int) -> None:
+        rec.targets = {name: tab[step] for name, tab in tables.items()}
+
+    iv.active, rec.active = False, True
+    try:
+        fwd(passes, before_step=keep, hooks=(rec,))
+    finally:
+        rec.active, iv.active, rec.targets = False, True, {}
+    return tables
+
+
 @torch.no_grad()
 def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cells: list[tuple[ProbePass, ProbePass]],
                cell_items: np.ndarray, pred_a: torch.Tensor, pred_b: torch.Tensor, batch_size: int, chunk: int,
@@ -172,7 +190,7 @@ def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cell
     ``x0_cells`` > 0, return set 0's last-step clean estimates of the first ``x0_cells`` cells.
     """
     plan, dev = fwd.plan, fwd.loaded.device
-    transformer, steps = fwd.loaded.pipe.transformer, plan.spec.probe.steps
+    transformer = fwd.loaded.pipe.transformer
     n_sets = next(iter(set_masks.values())).shape[0]
     iv = iv_mod.attach(transformer, plan, batch_size, dev)
     rec = iv_mod.record(transformer, plan) if mode == "patch" else None
@@ -181,19 +199,8 @@ def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cell
     x0_out = []
     try:
         for c0, c1 in _batches(len(cells), chunk):
-            tables, iv.sources = None, {}  # let the last chunk's recordings go before the next is allocated
-            if rec is not None:
-                rec.targets = {}
-            if rec is not None:  # B's site inputs of this chunk's cells, per step
-                tables = {s.name: torch.empty(steps, c1 - c0, s.segment[1] - s.segment[0], s.width, device=dev,
-                                              dtype=fwd.loaded.dtype) for s in plan.sites}
-                iv.active, rec.active = False, True
-
-                def keep(step: int) -> None:
-                    rec.targets = {name: tab[step] for name, tab in tables.items()}
-
-                fwd([cells[j][1] for j in range(c0, c1)], before_step=keep, hooks=(rec,))
-                rec.active, iv.active = False, True
+            iv.sources = {}  # let the last chunk's recordings go before the next is allocated
+            tables = _record_sources(fwd, rec, iv, [cells[j][1] for j in range(c0, c1)]) if rec is not None else None
             rows = [(k, j) for k in range(n_sets) for j in range(c0, c1)]
             for a, z in _batches(len(rows), batch_size):
                 part = rows[a:z]

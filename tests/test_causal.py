@@ -11,7 +11,7 @@ import torch
 from scipy import stats as sps
 
 from otherview import causal, intervention
-from otherview.model import architecture, build_builtin
+from otherview.model import architecture
 from otherview.plan import build_plan
 from otherview.spec import load_spec, parse_spec
 

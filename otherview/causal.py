@@ -368,7 +368,7 @@ def _write(ctx: RunContext, record: dict, eff: Effects, sets: list, pictures, it
     arrays = {"toward": eff.toward, "moved": eff.moved, "gap": eff.gap, "sets": np.asarray(sets, dtype=np.int64)}
     if pictures is not None:
         arrays["images"] = pictures
-        record["images"] = {"items": items, "rows": [a, f"{a} + {record['intervention']} on the selected units", b],
+        record["images"] = {"items": items, "rows": [a, f"{a} + {record['intervention']}", b],
                             "what": "the last probe step's clean-image estimate (latents - sigma * velocity), decoded "
                                     "by the VAE: a one-step probe from pure noise shows what one prediction holds, "
                                     "not a finished generation"}

@@ -54,7 +54,7 @@ def images_figure(path: Path, images: np.ndarray, items: list[str], rows: list[s
             if c == 0:
                 ax.set_ylabel(rows[r][:28], fontsize=6)
     figures_mod._save(fig, path)
-    return "Rows: " + "; ".join(rows) + ". Columns: items."
+    return "Rows: " + "; ".join(rows) + " (the middle row: the intervention on the selected units). Columns: items."
 
 
 def _draw(run_dir: Path, record: dict, arrays: dict, mark: str) -> list[tuple[str, str]]:

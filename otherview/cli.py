@@ -341,3 +341,59 @@ def sites(source: str, unit_width: str, size: int | None, text_tokens: int) -> N
         _fail(f"error: {exc}", EXIT_SPEC)
     except ModelUnavailable as exc:
         _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+
+
+def _unit_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of unit indices, e.g. 3,17,250") from None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--contrast", metavar="NAME", help="The analysis whose top --top units by |t| are tested (a contrast, or "
+              "<contrast>.step<k>); with --units or --specificity, the contrast whose two conditions are used.")
+@click.option("--top", type=click.IntRange(min=1), help="How many units (default 10).")
+@click.option("--units", callback=_unit_list, help="Test these units instead (indices, comma-separated).")
+@click.option("--specificity", metavar="NAME", help="Test the --top units passing this specificity test.")
+@click.option("--intervention", type=click.Choice(["zero", "mean", "patch"]), default="patch", show_default=True,
+              help="Zero the units' channels, set them to their mean over the two conditions' passes, or patch in "
+                   "the other condition's values for the same item, scene, seed and wording.")
+@click.option("--random-sets", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Random unit sets matched per site and kind.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sets.")
+@click.option("--images", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decode A, A under the intervention, and B for this many items (a figure).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Passes per batch (default: the run's).")
+@MODEL_OPTION
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def causal(run_dir: str, contrast: str | None, top: int | None, units: list[int] | None, specificity: str | None,
+           intervention: str, random_sets: int, seed: int, images: int, batch_size: int | None,
+           model_override: str | None, quiet: bool) -> None:
+    """Intervene on a finished run's units against matched random unit sets; add a Causal test to its report."""
+    from .causal import CausalError, Request, run_causal
+    from .causal_report import update_report
+    from .model import ModelUnavailable
+    from .plan import PlanError
+
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
+
+    req = Request(contrast=contrast, top=top, units=units, specificity=specificity, intervention=intervention,
+                  random_sets=random_sets, seed=seed, images=images, model=model_override, batch_size=batch_size)
+    try:
+        record = run_causal(run_dir, req, progress)
+    except (CausalError, PlanError) as exc:
+        _fail(_problems(run_dir, exc.problems), EXIT_SPEC)
+    except ModelUnavailable as exc:
+        _fail(f"error: {exc}", EXIT_UNAVAILABLE)
+    update_report(run_dir)  # `otherview report RUN_DIR` redraws everything, this section included
+    r = record["result"]
+    click.echo(f"{run_dir}: {record['selection']['count']} units, {intervention}: toward {r['selected_mean_toward']:.3g} "
+               f"(random median {r['random_median_toward']:.3g}), permutation p {r['p_permutation']:.3g}")

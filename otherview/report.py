@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import causal_report
 from . import figures as figures_mod
 from . import store
 from .summary import summarise  # noqa: F401  (the report's data; kept importable from here)
@@ -421,5 +422,5 @@ def write_report(run_dir: str | Path, workers=None, verify: bool = True) -> Path
         raise RunDirError("summary.json predates this otherview version's designs; re-run `otherview exec`",
                           source=str(run_dir))
     figures = figures_mod.write_figures(run_dir, manifest, summary, workers)
-    store.atomic_write_text(run_dir / "report.md", render(manifest, summary, figures))
+    store.atomic_write_text(run_dir / "report.md", causal_report.with_causal(run_dir, render(manifest, summary, figures)))
     return run_dir / "report.md"

@@ -68,6 +68,10 @@ def _leave(code: int = 0) -> None:
     os._exit(code)
 
 
+def _problems(source: str, problems) -> str:
+    return "\n".join(f"{source}: {p}: {m}" if p else f"{source}: {m}" for p, m in problems)
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(message, err=True)
     sys.exit(code)

@@ -12,8 +12,12 @@ import warnings
 from statistics import NormalDist
 
 import numpy as np
-from scipy import special as sp_special
-from scipy import stats as sp_stats
+
+def _scipy():
+    """Return scipy.special and scipy.stats, imported on first use (a second of start-up otherwise)."""
+    from scipy import special, stats
+
+    return special, stats
 
 CI_LEVEL = 0.95
 
@@ -89,7 +93,7 @@ def hedges_j(n: int) -> float:
     m = n - 1
     if m < 2:
         return float("nan")
-    return float(np.exp(sp_special.gammaln(m / 2) - 0.5 * np.log(m / 2) - sp_special.gammaln((m - 1) / 2)))
+    return float(np.exp(_scipy()[0].gammaln(m / 2) - 0.5 * np.log(m / 2) - _scipy()[0].gammaln((m - 1) / 2)))
 
 
 def _nct_delta(t: np.ndarray, df: int, target: float) -> np.ndarray:
@@ -99,7 +103,7 @@ def _nct_delta(t: np.ndarray, df: int, target: float) -> np.ndarray:
     regula falsi on the units not yet converged (|cdf - target| < 1e-14 or a bracket of 1e-11).
     """
     def f(x, idx):
-        c = sp_stats.nct.cdf(t[idx], df, x)
+        c = _scipy()[1].nct.cdf(t[idx], df, x)
         # scipy returns NaN far in some tails, where the cdf (decreasing in delta) is 1 or 0
         c = np.where(np.isnan(c), np.where(x < t[idx], 1.0, 0.0), c)
         return c - target
@@ -138,7 +142,7 @@ def _nct_delta(t: np.ndarray, df: int, target: float) -> np.ndarray:
         if not active.size:
             break
     # scipy's nct.cdf returns NaN or 1 far in the tails at df = 1-2: such roots are not roots
-    failed = ~(np.abs(sp_stats.nct.cdf(t, df, x) - target) <= 1e-8)
+    failed = ~(np.abs(_scipy()[1].nct.cdf(t, df, x) - target) <= 1e-8)
     if failed.any():
         warnings.warn(f"noncentral-t interval: scipy.stats.nct could not be inverted for {int(failed.sum())} "
                       f"unit(s) at N = {df + 1} (|t| up to {np.abs(t[failed]).max():.3g}); their bound is NaN",

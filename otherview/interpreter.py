@@ -3,11 +3,11 @@
 Order of work: the memory estimate (``memory.plan_memory``: a run that cannot fit stops before
 loading); every distinct prompt encoded once, the reference prompts and the empty CFG prompt with
 them, so the text encoder can leave the GPU (``offload``); the reference image once, from those
-embeddings; the reference latents encoded once; probe passes in batches (each pass conditioned on the reference, every pass starting
-from the same seeded noise, no VAE decode of probe outputs) with capture hooks accumulating into a
-preallocated buffer; statistics; report. The manifest is written first (status "running") and
-rewritten as phases complete, and per-pass RMS are checkpointed after every batch, so a crash
-leaves a run directory that says how far it got.
+embeddings; the reference latents encoded once; probe passes in batches (each pass conditioned on
+the reference, every pass starting from the same seeded noise, no VAE decode of probe outputs) with
+capture hooks accumulating into a preallocated buffer; statistics; report. The manifest is
+written first (status "running") and rewritten as phases complete, and per-pass RMS are
+checkpointed after every batch, so a crash leaves a run directory that says how far it got.
 """
 
 from __future__ import annotations

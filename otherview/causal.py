@@ -312,6 +312,7 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     run's source (tests).
     """
     from . import causal_passes as passes_mod
+    from . import memory
     from .interpreter import auto_batch_size, prepare_probe_inputs
 
     say = progress or (lambda msg: log.info(msg))
@@ -331,7 +332,8 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     fwd = passes_mod.make_forward(loaded, plan, prepare_probe_inputs(loaded, plan, _reference_images(ctx)))
     start = clock.mark("encode", start, dev)
     cells, cell_items = passes_mod.cells_of(plan, a, b)
-    batch = req.batch_size or plan.batch_size or auto_batch_size(plan, dev)
+    resident = memory.plan_memory(plan, dev, placement="resident") if not (req.batch_size or plan.batch_size) else None
+    batch = req.batch_size or plan.batch_size or auto_batch_size(plan, dev, resident)  # every weight stays resident
     say(f"baseline: {2 * len(cells)} passes of {a} and {b}")
     order = [c[0] for c in cells] + [c[1] for c in cells]
     base, rms, means = passes_mod.baseline(fwd, order, batch, mean=req.intervention == "mean")

@@ -121,6 +121,23 @@ SET_OPTION = click.option("--set", "sets", multiple=True, metavar="PATH=VALUE",
                                "'null.thresholds=[2.0, 4.0]', model.source=builtin:tiny. Values are TOML literals "
                                "(text that is none is a string); exec records them in the manifest (overrides).")
 
+def _memory_setting(ctx, param, value):
+    """Check ``--memory`` as the spec's ``runtime.memory`` is checked."""
+    from .memory import parse_size
+
+    if value is None:
+        return None
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+MEMORY_OPTION = click.option("--memory", callback=_memory_setting, metavar="SIZE",
+                             help="Override runtime.memory: the GPU memory the run may use ('auto', '20GiB', '16GB', "
+                                  "a number of GiB).")
+
 MODEL_OPTION = click.option("--model", "model_override", metavar="SOURCE",
                             help="Override the spec's model: a hub id, a local folder, builtin:tiny or builtin:klein-4b.")
 
@@ -171,15 +188,19 @@ def _validate_one(spec_path: str, sets: tuple[str, ...]) -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @MODEL_OPTION
 @SET_OPTION
+@MEMORY_OPTION
 @click.option("--prompts", is_flag=True, help="Also print every rendered prompt, one line per pass.")
 @_handled("spec_path")
-def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], prompts: bool) -> None:
+def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], memory: str | None, prompts: bool) -> None:
     """Compile SPEC into its passes and print them, without loading weights."""
     from .checks import preflight, resolved_device
+    from .memory import describe as describe_memory, plan_memory
     from .plan import describe
+    from .spec import with_overrides
     from .stats import choose_method
 
     spec, _ = _load(spec_path, sets)
+    spec = with_overrides(spec, {"runtime.memory": memory})
     spec, plan_ = preflight(spec, spec_path, model_override)
     click.echo(describe(plan_, prompts=prompts))
     layers = ", ".join(map(str, plan_.arch.text_encoder_out_layers))
@@ -188,6 +209,7 @@ def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], prom
     device = resolved_device(spec)
     method = choose_method(spec.null.method, plan_.flips["pairs"], plan_.n_units, device)
     click.echo(f"null method on this machine ({device}): {method}")
+    click.echo("\n".join(describe_memory(plan_memory(plan_, device))))  # MemoryBudgetError: exit 3
 
 
 @main.command(name="exec")
@@ -202,11 +224,12 @@ def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], prom
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec).")
 @SET_OPTION
+@MEMORY_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handled("spec_paths")
 def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str | None, compile_: str | None,
           batch_size: int | None, attention_backend: str | None, processes: int, resume_dir: str | None,
-          sets: tuple[str, ...], quiet: bool) -> None:
+          sets: tuple[str, ...], memory: str | None, quiet: bool) -> None:
     """Run each SPEC end to end and write its run directory and report (or continue one with --resume).
 
     Several specs share the loaded model (one run directory each). Under `accelerate launch` (or with
@@ -226,7 +249,8 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     if resume_dir is not None:
         changed = [name for name, v in (("--model", model_override), ("--out", out_dir), ("--compile", compile_),
                                         ("--batch-size", batch_size), ("--attention-backend", attention_backend),
-                                        ("--processes", processes > 1), ("--set", sets)) if v]
+                                        ("--processes", processes > 1), ("--set", sets),
+                                        ("--memory", memory)) if v]
         if changed:
             raise errors.UserError(f"{', '.join(changed)}: a resumed run keeps the settings it was started with",
                                    source=resume_dir)
@@ -242,7 +266,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     for spec_path in spec_paths:  # every spec checked before any weights are touched
         spec, raw = _load(spec_path, sets)
         spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
-                                     "runtime.attention_backend": attention_backend})
+                                     "runtime.attention_backend": attention_backend, "runtime.memory": memory})
         try:
             preflight(spec, spec_path, model_override, out_dir)
         except Exception as exc:

@@ -7,8 +7,8 @@ Exit codes (the CLI is the one place that turns an error into one):
 1     a bug in otherview (its traceback is shown)
 2     a problem the user can fix in the spec or its inputs (spec, images, output paths, a run
       directory that is corrupt, tampered with or not resumable)
-3     the model or device is not available or not usable here (missing weights, no CUDA, a model
-      that produces NaN or inf)
+3     the model or device is not available or not usable here (missing weights, no CUDA, a run
+      that does not fit the GPU memory it may use, a model that produces NaN or inf)
 130   interrupted by SIGINT (the run directory says ``interrupted``)
 143   interrupted by SIGTERM (the run directory says ``interrupted``)
 ====  =====================================================================================

@@ -1,11 +1,13 @@
 """The interpreter: runs a plan on a model and writes the run directory.
 
-Order of work: the reference image once; every distinct prompt encoded once; the reference latents
-encoded once; probe passes in batches (each pass conditioned on the reference, every pass starting
-from the same seeded noise, no VAE decode of probe outputs) with capture hooks accumulating into a
-preallocated buffer; statistics; report. The manifest is written first (status "running") and
-rewritten as phases complete, and per-pass RMS are checkpointed after every batch, so a crash
-leaves a run directory that says how far it got.
+Order of work: the memory estimate (``memory.plan_memory``: a run that cannot fit stops before
+loading); every distinct prompt encoded once, the reference prompts and the empty CFG prompt with
+them, so the text encoder can leave the GPU (``offload``); the reference image once, from those
+embeddings; the reference latents encoded once; probe passes in batches (each pass conditioned on
+the reference, every pass starting from the same seeded noise, no VAE decode of probe outputs) with
+capture hooks accumulating into a preallocated buffer; statistics; report. The manifest is
+written first (status "running") and rewritten as phases complete, and per-pass RMS are
+checkpointed after every batch, so a crash leaves a run directory that says how far it got.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from . import analysis as analysis_mod
 from . import capture as capture_mod
 from . import checks, compiling, distributed, errors
 from . import figures
+from . import memory as memory_mod
 from . import model as model_mod
+from . import offload
 from . import report as report_mod
 from . import store
 from . import summary as summary_mod
@@ -51,6 +55,16 @@ class ProbeInputs:
     image_latent_ids: torch.Tensor  # [1, reference_tokens, 4]
     prompt_index: dict[str, int]
     text_masks: torch.Tensor | None = None  # [n_prompts, text_tokens] 1 at real tokens ("prompt" capture)
+    negative: torch.Tensor | None = None  # [1, text_tokens, joint_dim] the empty prompt (real CFG)
+
+
+@dataclass
+class TextEmbeddings:
+    """Every prompt a run needs, encoded before the text encoder leaves the GPU."""
+
+    prompt_embeds: torch.Tensor  # [n_prompts, text_tokens, joint_dim] the probe prompts, in plan.prompts order
+    text_ids: torch.Tensor  # [1, text_tokens, 4]
+    single: dict[str, torch.Tensor]  # reference prompts and "" (CFG), each [1, text_tokens, joint_dim]
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -101,11 +115,27 @@ class NonFiniteError(errors.NonFiniteError):
     """NaN or inf where values must be finite (reference image, activations): exit 3."""
 
 
-def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None):
+def _prompt_kwargs(texts: TextEmbeddings | None, prompt: str, pipe=None) -> dict:
+    """Return the pipeline's prompt arguments: the embeddings encoded up front where there are, else the text.
+
+    The empty prompt goes along for real CFG where the pipeline takes it (``Flux2KleinKVPipeline`` does not).
+    """
+    import inspect
+
+    if texts is None:
+        return {"prompt": prompt}
+    kwargs = {"prompt_embeds": texts.single[prompt]}
+    if pipe is None or "negative_prompt_embeds" in inspect.signature(pipe.__call__).parameters:
+        kwargs["negative_prompt_embeds"] = texts.single[""]
+    return kwargs
+
+
+def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None, texts: TextEmbeddings | None = None):
     """Return a scene's reference image (PIL), generated from its prompt or loaded from its file.
 
-    A generated image is checked before it is quantised to 8 bits: NaN or inf (which PIL would
-    save as black) raises ``NonFiniteError``.
+    With ``texts`` (from ``encode_prompts``) the pipeline gets the prompt's embeddings, so the text
+    encoder need not be on the GPU. A generated image is checked before it is quantised to 8 bits:
+    NaN or inf (which PIL would save as black) raises ``NonFiniteError``.
     """
     from PIL import Image
 
@@ -113,7 +143,7 @@ def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None):
     scene = scene or plan.design.scenes[0]
     if scene.image is not None:
         return Image.open(scene.image).convert("RGB")
-    pixels = loaded.pipe(prompt=scene.prompt, height=plan.height, width=plan.width,
+    pixels = loaded.pipe(**_prompt_kwargs(texts, scene.prompt, loaded.pipe), height=plan.height, width=plan.width,
                          num_inference_steps=spec.reference.steps, guidance_scale=spec.reference.guidance_scale,
                          generator=_generator(scene.seed), max_sequence_length=plan.text_tokens,
                          text_encoder_out_layers=plan.arch.text_encoder_out_layers, output_type="np").images[0]
@@ -125,21 +155,40 @@ def generate_reference(loaded: model_mod.LoadedModel, plan: Plan, scene=None):
 
 
 @torch.no_grad()
-def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, images: list, chunk: int | None = None) -> ProbeInputs:
-    """Return prompt embeddings (each distinct prompt once), each seed's noise and each scene's reference latents."""
-    pipe, dev = loaded.pipe, loaded.device
-    # Prompts are padded to max_sequence_length, so a chunk of 32 is 16k tokens through the text
-    # encoder: big enough to keep a GPU busy, small enough for its hidden states to fit.
-    chunk = chunk or 32
+def encode_prompts(loaded: model_mod.LoadedModel, plan: Plan, chunk: int | None = None) -> TextEmbeddings:
+    """Return every prompt the run needs, encoded: the probe prompts in chunks, the reference prompts and "" alone.
+
+    Prompts are padded to max_sequence_length, so a chunk of 32 is 16k tokens through the text
+    encoder; ``chunk`` comes from the memory estimate. The reference prompts and the empty (CFG)
+    prompt are encoded one at a time, as the pipeline encodes them, so their embeddings are bitwise
+    what ``pipe(prompt=...)`` would use.
+    """
+    pipe, dev, layers = loaded.pipe, loaded.device, plan.arch.text_encoder_out_layers
+    chunk = chunk or memory_mod.MAX_CHUNK
     prompts = plan.prompts
-    embeds = []
-    with model_mod.only_needed_layers(pipe.text_encoder, max(plan.arch.text_encoder_out_layers)):
+    embeds, single = [], {}
+    encode = lambda texts: pipe.encode_prompt(prompt=texts, device=dev, max_sequence_length=plan.text_tokens,  # noqa: E731
+                                              text_encoder_out_layers=layers)
+    with model_mod.only_needed_layers(pipe.text_encoder, max(layers)), offload.without_logits(pipe.text_encoder):
         for i in range(0, len(prompts), chunk):
-            e, text_ids = pipe.encode_prompt(prompt=prompts[i:i + chunk], device=dev,
-                                             max_sequence_length=plan.text_tokens,
-                                             text_encoder_out_layers=plan.arch.text_encoder_out_layers)
+            e, text_ids = encode(prompts[i:i + chunk])
             embeds.append(e)
-    prompt_embeds = torch.cat(embeds).to(loaded.dtype)
+        for prompt in [sc.prompt for sc in plan.design.scenes if sc.prompt is not None] + [""]:
+            single[prompt] = encode([prompt])[0]
+    return TextEmbeddings(prompt_embeds=torch.cat(embeds).to(loaded.dtype), text_ids=text_ids[:1], single=single)
+
+
+@torch.no_grad()
+def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, images: list, chunk: int | None = None,
+                         texts: TextEmbeddings | None = None) -> ProbeInputs:
+    """Return prompt embeddings (each distinct prompt once), each seed's noise and each scene's reference latents.
+
+    ``texts`` are the embeddings from ``encode_prompts`` (encoded here, in chunks of ``chunk``, when not given).
+    """
+    pipe, dev = loaded.pipe, loaded.device
+    texts = texts or encode_prompts(loaded, plan, chunk)
+    prompts = plan.prompts
+    prompt_embeds, text_ids = texts.prompt_embeds, texts.text_ids
     channels = pipe.transformer.config.in_channels // 4
     noise = []
     for seed in plan.design.seeds:
@@ -163,7 +212,8 @@ def prepare_probe_inputs(loaded: model_mod.LoadedModel, plan: Plan, images: list
         else None
     return ProbeInputs(prompt_embeds=prompt_embeds, text_ids=text_ids[:1], latents=latents, latent_ids=latent_ids,
                        image_latents=image_latents.to(loaded.dtype), image_latent_ids=image_latent_ids,
-                       prompt_index={p: i for i, p in enumerate(prompts)}, text_masks=masks)
+                       prompt_index={p: i for i, p in enumerate(prompts)}, text_masks=masks,
+                       negative=texts.single[""].to(loaded.dtype))
 
 
 def prompt_masks(tokenizer, prompts: list[str], text_tokens: int) -> torch.Tensor:
@@ -181,25 +231,12 @@ def prompt_masks(tokenizer, prompts: list[str], text_tokens: int) -> torch.Tenso
     return torch.stack(rows)
 
 
-def auto_batch_size(plan: Plan, device: torch.device) -> int:
-    """Return a probe batch size: all passes on the CPU's small models, sized to free memory on CUDA."""
-    n = len(plan.passes)
-    tokens = plan.text_tokens + plan.target_tokens + plan.reference_tokens
-    # A single-stream block holds a few [tokens, 4 x inner] bf16 tensors at once; 24 inner-widths a
-    # sample is a safe bound (Klein 4B, batch 20 on an H100: 31.9 GiB peak with all weights resident).
-    per_sample = tokens * plan.arch.inner_dim * 2 * 24
-    if device.type != "cuda":
-        # Small models on a CPU: batches large enough that per-batch Python overhead does not
-        # dominate, within 1 GiB of activations.
-        return max(1, min(n, 64, int(2**30 // (per_sample * 2))))
-    free, _ = torch.cuda.mem_get_info(device)
-    fit = max(1, int(free * 0.6 // per_sample))
-    fit = min(fit, n, 32)
-    # Prefer a size that divides the passes evenly: equal batches keep compiled graphs reusable.
-    for b in range(fit, 0, -1):
-        if n % b == 0 and b >= fit // 2:
-            return b
-    return fit
+def auto_batch_size(plan: Plan, device: torch.device, est: memory_mod.Estimate | None = None) -> int:
+    """Return a probe batch size: the largest the memory budget affords (``memory.estimate``).
+
+    ``est`` is ``memory.plan_memory``'s estimate (made here when not given).
+    """
+    return (est or memory_mod.plan_memory(plan, device)).batch_size
 
 
 def _check_batch_finite(rms: np.ndarray, plan: Plan, batch, step: int | None) -> None:
@@ -241,8 +278,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
     cfg = guidance > 1 and not pipe.config.is_distilled
     if out is None:
         out = np.zeros((design.n_rows, plan.n_units), dtype=np.float32)
-    negative = None
-    if cfg:
+    negative = inputs.negative
+    if cfg and negative is None:  # the empty prompt is encoded with the others unless inputs predate that
         negative, _ = pipe.encode_prompt(prompt=[""], device=dev, max_sequence_length=plan.text_tokens,
                                          text_encoder_out_layers=plan.arch.text_encoder_out_layers)
         negative = negative.to(loaded.dtype)
@@ -477,7 +514,7 @@ def _run(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, progre
     return run_dir
 
 
-def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Progress, device) -> list:
+def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Progress, device, texts=None) -> list:
     from PIL import Image
 
     spec, images = plan.spec, []
@@ -489,7 +526,7 @@ def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Pro
         for scene, name in zip(plan.design.scenes, names):
             say(f"reference image {scene.name}" + (f": {spec.reference.steps} steps, guidance "
                                                    f"{spec.reference.guidance_scale}" if scene.prompt else f": {scene.image}"))
-            image = generate_reference(loaded, plan, scene)
+            image = generate_reference(loaded, plan, scene, texts)
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             store.atomic_write_bytes(run_dir / name, buf.getvalue())
@@ -547,12 +584,15 @@ def _checkpoint(run_dir: Path, plan: Plan, batch_size: int) -> tuple[np.ndarray,
     return out, int(meta["batches_done"])
 
 
-def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded):
+def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded,
+                est: memory_mod.Estimate | None = None):
     spec = plan.spec
+    placement = est.placement if est is not None else "resident"
     if loaded is None:
         with phases("load_model", device):
-            say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else ""))
-            loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device)
+            say(f"loading {spec.model.source}" + (" (random weights)" if plan.arch.random_weights else "")
+                + f", placement {placement}")
+            loaded = model_mod.load(spec.model.source, spec.model.dtype, spec.model.device, placement)
         if plan.arch.text_encoder_out_layers != loaded.arch.text_encoder_out_layers:
             loaded.arch = plan.arch  # the spec's model.text_encoder_out_layers
     manifest["model"].update(loaded.info)
@@ -571,17 +611,28 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
     """
     spec = plan.spec
     ctx = ctx or distributed.Context()
-    loaded = _load_model(plan, device, manifest, phases, say, loaded)
+    est = memory_mod.plan_memory(plan, device)  # a run that cannot fit stops here, before any weight is loaded
+    manifest["memory"] = est.record()
+    loaded = _load_model(plan, device, manifest, phases, say, loaded, est)
+    # Every prompt first (probe, reference, the empty CFG prompt): the text encoder can then leave the GPU.
+    offload.place(loaded, est, "encode")
+    with phases("encode", device):
+        texts = encode_prompts(loaded, plan, est.encode_chunk)
+    if est.placement != "resident":
+        with phases("offload", device):
+            say(f"{est.placement}: the text encoder leaves the GPU")
+            offload.place(loaded, est, "denoise")
     if ctx.is_main:
         with compiling.eager():  # the reference runs eager: see compiling.decide
-            images = _phase_reference(loaded, plan, run_dir, phases, say, device)
+            images = _phase_reference(loaded, plan, run_dir, phases, say, device, texts)
         ctx.broadcast(distributed.images_to_bytes(images) if ctx.world > 1 else None)
     else:  # the main process made them: the same pixels, losslessly
         images = distributed.images_from_bytes(ctx.broadcast(None))
-    with phases("encode", device):
-        inputs = prepare_probe_inputs(loaded, plan, images)
-    batch_size = manifest.get("batch_size") or plan.batch_size or auto_batch_size(plan, device)
-    manifest["batch_size"] = batch_size
+    with phases("encode_images", device):
+        inputs = prepare_probe_inputs(loaded, plan, images, texts=texts)
+    del texts
+    batch_size = manifest.get("batch_size") or plan.batch_size or auto_batch_size(plan, device, est)
+    manifest["batch_size"] = manifest["memory"]["batch_size"] = batch_size  # a resumed run keeps its batch
     rms, start = _checkpoint(run_dir, plan, batch_size) if phases.done("encode") else (None, 0)
     buffer = torch.zeros((batch_size, 1, plan.n_units), dtype=torch.float32, device=device)
 
@@ -594,6 +645,9 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
                              "batch_size": str(batch_size)})
 
     decision = compiling.decide_for_plan(plan, spec.runtime.compile, device, batch_size, spec.runtime.compile_backend)
+    if decision.compile and not est.compiled:  # group offloading's per-block hooks run eager
+        decision = compiling.CompileDecision(spec.runtime.compile, False, f"eager under {est.placement}",
+                                             spec.runtime.compile_backend)
     compiled = decision.compile
     compiling.compile_for(decision, loaded.pipe.transformer)
     say(f"compile: {decision.reason}")
@@ -626,9 +680,12 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
             rms = _gather_probes(ctx, plan, rms, batch_size, n_batches)
     if device.type == "cuda":
         manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        manifest["memory"].update(peak_gib=manifest["peak_gpu_memory_gib"],
+                                  peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
     return rms, loaded
 
 
+@memory_mod.oom_as_budget_error
 def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, phases: Phases, say: Progress,
              loaded: model_mod.LoadedModel | None, workers=None, ctx: distributed.Context | None = None):
     """Run the phases a run directory does not have yet: probes (model), statistics and arrays, report.

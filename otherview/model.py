@@ -221,10 +221,14 @@ def byte_tokenizer(model_max_length: int = 4096):
     return tok
 
 
-def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
+def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0,
+                  park: dict[str, str] | None = None):
     """Return a ``Flux2KleinPipeline`` of built-in model ``name`` with seeded random weights.
 
     ``device="meta"`` builds the module tree without allocating (for checking names and shapes).
+    ``park`` moves components to another device as soon as each is built (``{"transformer": "cpu"}``):
+    the weights are drawn on ``device`` (the same random numbers as without ``park``) but never all
+    held there at once.
     """
     import diffusers
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
@@ -239,11 +243,12 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.d
     torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of a 4B model first
     try:
         with torch.device(device):
-            transformer = Flux2Transformer2DModel(**strip(_read(folder / "transformer.json")))
-            vae = AutoencoderKLFlux2(**strip(_read(folder / "vae.json")))
+            parked = lambda m, name: m.to((park or {}).get(name, device))  # noqa: E731
+            transformer = parked(Flux2Transformer2DModel(**strip(_read(folder / "transformer.json"))), "transformer")
+            vae = parked(AutoencoderKLFlux2(**strip(_read(folder / "vae.json"))), "vae")
             te_cfg = Qwen3Config(**{k: v for k, v in _read(folder / "text_encoder.json").items()
                                     if k not in ("model_type", "architectures")})
-            text_encoder = Qwen3ForCausalLM(te_cfg)
+            text_encoder = parked(Qwen3ForCausalLM(te_cfg), "text_encoder")
     finally:
         torch.set_default_dtype(previous)
     scheduler = FlowMatchEulerDiscreteScheduler(**strip(_read(folder / "scheduler.json")))
@@ -302,23 +307,39 @@ def _weights_random(folder: Path) -> bool:
     return False
 
 
-def load(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Return the pipeline of ``source`` on ``device``, built (built-in) or loaded (hub id / folder)."""
+def load(source: str, dtype: str = "auto", device: str = "auto", placement: str = "resident") -> LoadedModel:
+    """Return the pipeline of ``source`` on ``device``, built (built-in) or loaded (hub id / folder).
+
+    ``placement`` (``memory.PLACEMENTS``) says which weights start on the GPU: all of them
+    (``resident``), the text encoder only (``model-offload``: the prompts are encoded first), or none
+    (``block-offload``: they stream in per block). Built-in weights are drawn on ``device`` either way,
+    so a model is the same whatever its placement.
+    """
+    from . import memory, offload
+
     arch = architecture(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    memory.apply_process_cap(dev if dev.type == "cuda" else None)
+    resident = placement == "resident" or dev.type != "cuda"
+    on_cpu = {"transformer": "cpu", "vae": "cpu"} if placement == "model-offload" else \
+        {"transformer": "cpu", "vae": "cpu", "text_encoder": "cpu"}
     if source.startswith(BUILTIN_PREFIX):
-        log.info("building %s with random weights on %s (%s)", source, dev, dt)
-        pipe = build_builtin(source[len(BUILTIN_PREFIX):], dtype=dt, device=dev)
+        log.info("building %s with random weights on %s (%s), placement %s", source, dev, dt, placement)
+        pipe = build_builtin(source[len(BUILTIN_PREFIX):], dtype=dt, device=dev, park=None if resident else on_cpu)
     else:
-        pipe = _from_pretrained(source, dt, dev, arch.pipeline_class).to(dev)
+        # An offloaded placement reads the weights into host memory; offload.place moves what belongs on the GPU.
+        pipe = _from_pretrained(source, dt, dev if resident else None, arch.pipeline_class)
+        pipe = pipe.to(dev) if resident else pipe
         pipe.set_progress_bar_config(disable=True)
     info = {"source": source, "random_weights": arch.random_weights, "dtype": str(dt).replace("torch.", ""),
             "device": str(dev), "parameters": {name: sum(p.numel() for p in m.parameters())
                                                for name, m in (("transformer", pipe.transformer),
                                                                ("text_encoder", pipe.text_encoder),
                                                                ("vae", pipe.vae))}}
-    return LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
+    loaded = LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
+    offload.place(loaded, placement, "encode")
+    return loaded
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | None = None,

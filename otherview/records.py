@@ -59,6 +59,8 @@ class ManifestRecord(_Record):
     runtime: dict[str, Any] | None = None
     null: dict[str, Any] | None = None
     peak_gpu_memory_gib: float | None = None
+    memory: dict[str, Any] | None = Field(None, description="The memory plan: placement, budget, encode chunk, probe "
+                                          "batch, estimated and (on CUDA) measured peak.")
 
 
 # --- summary.json -----------------------------------------------------------------------------------

@@ -357,6 +357,17 @@ def _replication(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def _memory_line(manifest: dict[str, Any]) -> list[str]:
+    """Return the provenance line on memory: the placement, the budget, the estimated and measured peaks."""
+    mem = manifest.get("memory")
+    if not mem:
+        return []
+    budget = "not limited" if mem.get("budget_gib") is None else f"{mem['budget_gib']:.1f} GiB ({mem.get('budget_source')})"
+    peak = f"; measured peak {mem['peak_gib']:.2f} GiB allocated" if mem.get("peak_gib") is not None else ""
+    return [f"- memory: placement {mem['placement']}, probe batch {mem.get('batch_size')}, prompts encoded "
+            f"{mem.get('encode_chunk')} at a time; budget {budget}; estimated peak {mem['estimated_peak_gib']:.2f} GiB{peak}"]
+
+
 def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figures_mod.Figure]) -> str:
     """Return ``report.md`` for a run from its manifest, summary and figures."""
     spec = manifest["spec"]
@@ -393,6 +404,7 @@ def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figu
               f"diffusers {manifest['versions'].get('diffusers')}, numpy {manifest['versions'].get('numpy')}",
               "- phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.get("phases", {}).items()
                                             if k != "report")]
+    lines += _memory_line(manifest)
     return "\n".join(lines) + "\n"
 
 

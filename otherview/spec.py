@@ -268,6 +268,11 @@ class Null(_Strict):
                                  "least as many units; extra passes over the same flips).")
 
 
+# runtime.memory: "auto", or a size greater than 0: "20GiB", "16 GB", "512MiB", "20" (GiB)
+MEMORY_SIZE = r"^(auto|\s*(?=[\d.]*[1-9])\d+(\.\d+)?\s*([GgMm]i?[Bb]|[GgMm])?\s*)$"
+_MemorySize = Annotated[str, Field(json_schema_extra={"pattern": MEMORY_SIZE})]  # the message is _memory's
+
+
 class Runtime(_Strict):
     """Speed settings. Defaults are the fastest that keep the numbers right (no fp8, no quantisation)."""
 
@@ -284,6 +289,17 @@ class Runtime(_Strict):
     capture_stream: Literal["auto", "inline", "side"] = Field(
         "auto", description="Where the capture reduction runs on CUDA; auto: a side stream when eager, inline when "
                             "compiled.")
+    memory: Annotated[float, Field(gt=0, le=1e6)] | _MemorySize = Field(
+        "auto", description="GPU memory the run may use: 'auto' (the device's free memory, within any per-process "
+        "cap set with torch.cuda.set_per_process_memory_fraction), a size such as '20GiB', '16GB' or '512MiB', or "
+        "a number of GiB. Prompt-encoding chunks, the probe batch and where the weights live are sized to it.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v):
+        if isinstance(v, str) and not re.match(MEMORY_SIZE, v):
+            raise ValueError("should be 'auto', a size such as '20GiB', '16GB' or '512MiB', or a number of GiB")
+        return v
 
 
 OUTPUT_PLACEHOLDERS = ("name",)

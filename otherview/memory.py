@@ -117,8 +117,15 @@ def apply_process_cap(device: torch.device | None = None) -> float | None:
     fraction = float(value)
     if not 0 < fraction <= 1:
         raise ValueError(f"{FRACTION_ENV}={value}: should be in (0, 1]")
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, _indexed(device))
     return fraction
+
+
+def _indexed(device: torch.device | None) -> torch.device:
+    """Return ``device`` with its index (torch's per-process-fraction calls refuse a bare "cuda")."""
+    if device is None or device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def device_budget(device: torch.device, setting: Any = "auto") -> Budget:
@@ -142,6 +149,7 @@ def device_budget(device: torch.device, setting: Any = "auto") -> Budget:
     asked = parse_size(setting)
     if device.type != "cuda":
         return Budget(asked, f"runtime.memory = {setting}" if asked else "no GPU: not limited")
+    device = _indexed(device)
     apply_process_cap(device)
     free, total = torch.cuda.mem_get_info(device)
     held = torch.cuda.memory_reserved(device)

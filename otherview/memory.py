@@ -124,7 +124,11 @@ def apply_process_cap(device: torch.device | None = None) -> float | None:
 def _indexed(device: torch.device | None) -> torch.device:
     """Return ``device`` with its index (torch's per-process-fraction calls refuse a bare "cuda")."""
     if device is None or device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        try:
+            index = torch.cuda.current_device()
+        except (AssertionError, RuntimeError):  # no CUDA build (tests fake the device): "cuda" means 0
+            index = 0
+        return torch.device("cuda", index)
     return device
 
 

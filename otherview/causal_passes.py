@@ -43,22 +43,13 @@ class Forward:
         buffers); ``hooks`` (objects with ``active``) are switched off for the unconditional one. With
         ``x0`` also the last step's clean-image estimate ``latents - sigma * v`` ``[rows, target, channels]``.
         """
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+        from .interpreter import batch_inputs, probe_timesteps
 
         pipe, dev, plan, inp = self.loaded.pipe, self.loaded.device, self.plan, self.inputs
         transformer, spec = pipe.transformer, plan.spec
         b, steps, guidance = len(rows), spec.probe.steps, spec.probe.guidance_scale
-        idx = torch.tensor([inp.prompt_index[p.prompt] for p in rows], device=dev)
-        embeds = inp.prompt_embeds.index_select(0, idx)
-        text_ids = inp.text_ids.expand(b, -1, -1)
-        latents = inp.latents.index_select(0, torch.tensor([p.seed_level for p in rows], device=dev))
-        img_ids = torch.cat([inp.latent_ids, inp.image_latent_ids], dim=1).expand(b, -1, -1)
-        ref = inp.image_latents.index_select(0, torch.tensor([p.scene for p in rows], device=dev))
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        mu = compute_empirical_mu(image_seq_len=plan.target_tokens, num_steps=steps)
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, dev, sigmas=sigmas, mu=mu)
-        if hasattr(pipe.scheduler, "set_begin_index"):
-            pipe.scheduler.set_begin_index(0)
+        _, embeds, text_ids, latents, img_ids, ref = batch_inputs(inp, rows, dev)  # exactly as run_probes
+        timesteps = probe_timesteps(pipe, plan, dev)
         out, last = [], None
         for step, t in enumerate(timesteps):
             timestep = t.expand(b).to(latents.dtype) / 1000

@@ -252,6 +252,35 @@ def _check_batch_finite(rms: np.ndarray, plan: Plan, batch, step: int | None) ->
                          "produced NaN or inf (check its weights, dtype and guidance)")
 
 
+def batch_inputs(inputs: ProbeInputs, rows: list, dev: torch.device) -> tuple:
+    """Return one probe batch's tensors, each row its own prompt, seed's noise and scene's reference.
+
+    Returns ``(prompt index, embeddings, text ids, latents, image ids, reference latents)``, the
+    first dimension ``len(rows)``; shared by the probe passes and the causal follow-up.
+    """
+    b = len(rows)
+    idx = torch.tensor([inputs.prompt_index[p.prompt] for p in rows], device=dev)
+    embeds = inputs.prompt_embeds.index_select(0, idx)
+    text_ids = inputs.text_ids.expand(b, -1, -1)
+    latents = inputs.latents.index_select(0, torch.tensor([p.seed_level for p in rows], device=dev))
+    img_ids = torch.cat([inputs.latent_ids, inputs.image_latent_ids], dim=1).expand(b, -1, -1)
+    ref = inputs.image_latents.index_select(0, torch.tensor([p.scene for p in rows], device=dev))
+    return idx, embeds, text_ids, latents, img_ids, ref
+
+
+def probe_timesteps(pipe, plan: Plan, dev: torch.device):
+    """Return the probe's timesteps (sigmas 1 .. 1/steps, the pipeline's shift), the scheduler reset to step 0."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+    steps = plan.spec.probe.steps
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = compute_empirical_mu(image_seq_len=plan.target_tokens, num_steps=steps)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, dev, sigmas=sigmas, mu=mu)
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    return timesteps
+
+
 @torch.no_grad()
 def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, cap: capture_mod.Capture,
                batch_size: int, on_batch: Callable[[int, np.ndarray], None] | None = None,
@@ -267,12 +296,10 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
     resume from a checkpoint; ``batches`` runs only those batch indices (this process's share under
     accelerate), each exactly as a single process would.
     """
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
     pipe, dev, spec, design = loaded.pipe, loaded.device, plan.spec, plan.design
     transformer = pipe.transformer
     dtype = transformer.dtype
-    steps, guidance = spec.probe.steps, spec.probe.guidance_scale
+    guidance = spec.probe.guidance_scale
     each = design.steps != [None]
     k_levels = len(design.steps)
     cfg = guidance > 1 and not pipe.config.is_distilled
@@ -291,17 +318,8 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
         real = len(batch)
         b = batch_size if n_batches > 1 else real
         rows = batch + [batch[-1]] * (b - real)
-        idx = torch.tensor([inputs.prompt_index[p.prompt] for p in rows], device=dev)
-        embeds = inputs.prompt_embeds.index_select(0, idx)
-        text_ids = inputs.text_ids.expand(b, -1, -1)
-        latents = inputs.latents.index_select(0, torch.tensor([p.seed_level for p in rows], device=dev))
-        img_ids = torch.cat([inputs.latent_ids, inputs.image_latent_ids], dim=1).expand(b, -1, -1)
-        ref = inputs.image_latents.index_select(0, torch.tensor([p.scene for p in rows], device=dev))
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        mu = compute_empirical_mu(image_seq_len=plan.target_tokens, num_steps=steps)
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, dev, sigmas=sigmas, mu=mu)
-        if hasattr(pipe.scheduler, "set_begin_index"):
-            pipe.scheduler.set_begin_index(0)
+        idx, embeds, text_ids, latents, img_ids, ref = batch_inputs(inputs, rows, dev)
+        timesteps = probe_timesteps(pipe, plan, dev)
         cap.reset(b)
         if inputs.text_masks is not None:
             cap.token_mask[:b].copy_(inputs.text_masks.index_select(0, idx))

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import compiling
 from . import intervention as iv_mod
 from . import model as model_mod
 from . import store
@@ -62,6 +63,7 @@ class Request:
     images: int = 0
     model: str | None = None
     batch_size: int | None = None
+    compile: str | None = None  # "auto", "on" or "off"; None: the run's runtime.compile
 
 
 @dataclass
@@ -334,9 +336,15 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     cells, cell_items = passes_mod.cells_of(plan, a, b)
     resident = memory.plan_memory(plan, dev, placement="resident") if not (req.batch_size or plan.batch_size) else None
     batch = req.batch_size or plan.batch_size or auto_batch_size(plan, dev, resident)  # every weight stays resident
-    say(f"baseline: {2 * len(cells)} passes of {a} and {b}")
+    decision = compiling.decide_for_plan(plan, req.compile or spec.runtime.compile, dev, batch,
+                                         spec.runtime.compile_backend, passes=(2 + len(distinct)) * len(cells),
+                                         hooks=f"causal:{req.intervention}")
+    compiling.compile_for(decision, loaded.pipe.transformer)
+    say(f"compile: {decision.reason}")
+    say(f"baseline: {2 * len(cells)} passes of {a} and {b}" + (" (the first batch compiles)" if decision.compile else ""))
     order = [c[0] for c in cells] + [c[1] for c in cells]
-    base, rms, means = passes_mod.baseline(fwd, order, batch, mean=req.intervention == "mean")
+    with compiling.probe_stance(decision):
+        base, rms, means = passes_mod.baseline(fwd, order, batch, mean=req.intervention == "mean")
     drift = _reproduced(ctx, order, rms)
     if drift is not None and drift > 1e-2:
         say(f"warning: the reloaded model's RMS differ from the run's by up to {drift:.3g} (relative)")
@@ -347,8 +355,13 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     masks = iv_mod.channel_masks(plan, [list(s) for s in distinct], dev)
     say(f"intervention ({req.intervention}) on {len(distinct)} distinct unit sets x {len(cells)} cells of {a}, "
         f"batches of {batch}")
-    passes_mod.intervened(fwd, req.intervention, masks, cells, cell_items, pred_a, pred_b, batch,
-                          passes_mod.chunk_size(plan, dev, loaded.dtype, batch), acc, means, say)
+    batches = compiling.BatchClock()  # the first intervened batch compiles the intervention's graphs
+    with compiling.probe_stance(decision):
+        passes_mod.intervened(fwd, req.intervention, masks, cells, cell_items, pred_a, pred_b, batch,
+                              passes_mod.chunk_size(plan, dev, loaded.dtype, batch), acc, means, say,
+                              on_batch=batches.wrap(None))
+    batches.finish(decision)
+    compiling.release(background=True)
     start = clock.mark("intervened", start, dev)
     gap_sq = np.zeros(n_items)
     np.add.at(gap_sq, cell_items, (pred_b - pred_a).square().flatten(1).sum(1).double().cpu().numpy())
@@ -360,6 +373,7 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     clock.mark("images", start, dev)
     record = _record(ctx, req, sel, (a, b), sets, len(distinct), eff, compare(eff), len(cells), batch, loaded, clock)
     record["reproduced_rms_max_relative_difference"] = drift
+    record["compile"] = decision.record()
     _write(ctx, record, eff, sets, pictures, [plan.design.items[i].value for i in sorted(first)[: req.images]])
     return record
 

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import compiling
 from . import intervention as iv_mod
 from .design import ProbePass
 from .interpreter import ProbeInputs
@@ -93,6 +94,15 @@ def _batches(n: int, size: int):
         yield start, min(start + size, n)
 
 
+def _padded(rows: list, size: int) -> list:
+    """Return ``rows`` padded to ``size`` by repeating its last row (results of the copies are dropped).
+
+    Every batch then has one shape, so compiled blocks reuse one graph instead of compiling another
+    for a short last batch (as ``interpreter.run_probes`` does).
+    """
+    return list(rows) + [rows[-1]] * (size - len(rows))
+
+
 @torch.no_grad()
 def baseline(fwd: Forward, passes: list[ProbePass], batch_size: int, mean: bool = False):
     """Return every pass's velocity, its captured RMS, and (with ``mean``) the mean site inputs.
@@ -115,20 +125,22 @@ def baseline(fwd: Forward, passes: list[ProbePass], batch_size: int, mean: bool 
     rec = iv_mod.record(transformer, plan) if mean else None
     sums = {s.name: torch.zeros(steps, s.segment[1] - s.segment[0], s.width, device=dev) for s in plan.sites} if mean else {}
     preds, rms = [], []
+    size = min(batch_size, len(passes))
     try:
         for a, z in _batches(len(passes), batch_size):
-            cap.reset(z - a)
+            rows = _padded(passes[a:z], size)
+            cap.reset(len(rows))
             if rec is not None:
-                rec.weights = torch.ones(z - a, device=dev)
+                rec.weights = (torch.arange(len(rows), device=dev) < z - a).float()  # padding rows add nothing
 
             def point(step: int) -> None:
                 cap.evaluations += 1
                 if rec is not None:
                     rec.sums = {name: s[step] for name, s in sums.items()}
 
-            v, _ = fwd(passes[a:z], before_step=point, hooks=(cap, rec) if rec else (cap,))
-            preds.append(v)
-            rms.append(cap.rms().numpy())
+            v, _ = fwd(rows, before_step=point, hooks=(cap, rec) if rec else (cap,))
+            preds.append(v[: z - a])
+            rms.append(cap.rms().numpy()[: z - a])
     finally:
         cap.detach()
         if rec is not None:
@@ -164,7 +176,8 @@ def _record_sources(fwd: Forward, rec: iv_mod.Recorder, iv: iv_mod.Intervention,
 
     iv.active, rec.active = False, True
     try:
-        fwd(passes, before_step=keep, hooks=(rec,))
+        with compiling.eager():  # a chunk of B's passes, not a probe batch's shape: no graph of its own
+            fwd(passes, before_step=keep, hooks=(rec,))
     finally:
         rec.active, iv.active, rec.targets = False, True, {}
     return tables
@@ -174,11 +187,13 @@ def _record_sources(fwd: Forward, rec: iv_mod.Recorder, iv: iv_mod.Intervention,
 def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cells: list[tuple[ProbePass, ProbePass]],
                cell_items: np.ndarray, pred_a: torch.Tensor, pred_b: torch.Tensor, batch_size: int, chunk: int,
                acc: Accumulator, means: dict | None = None, progress: Callable[[str], None] | None = None,
-               x0_cells: int = 0) -> torch.Tensor | None:
+               x0_cells: int = 0, on_batch: Callable[[], None] | None = None) -> torch.Tensor | None:
     """Run A' = A under each set's intervention for every cell, adding the outcome sums into ``acc``.
 
     ``cells``: (A pass, B pass) per cell; ``pred_a``/``pred_b``: their unchanged velocities. With
     ``x0_cells`` > 0, return set 0's last-step clean estimates of the first ``x0_cells`` cells.
+    Every batch is padded to one shape (``min(batch_size, sets x cells)`` rows); ``on_batch()`` runs
+    after each, once its results are on the host.
     """
     plan, dev = fwd.plan, fwd.loaded.device
     transformer = fwd.loaded.pipe.transformer
@@ -188,17 +203,19 @@ def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cell
     rows_idx = torch.zeros(batch_size, dtype=torch.long, device=dev)
     iv.source_rows = rows_idx
     x0_out = []
+    size = min(batch_size, n_sets * len(cells))
     try:
         for c0, c1 in _batches(len(cells), chunk):
             iv.sources = {}  # let the last chunk's recordings go before the next is allocated
             tables = _record_sources(fwd, rec, iv, [cells[j][1] for j in range(c0, c1)]) if rec is not None else None
             rows = [(k, j) for k in range(n_sets) for j in range(c0, c1)]
             for a, z in _batches(len(rows), batch_size):
-                part = rows[a:z]
+                part = _padded(rows[a:z], size)
+                n = z - a
                 sets = np.array([k for k, _ in part])
                 js = np.array([j for _, j in part])
                 iv.set_rows(set_masks, torch.as_tensor(sets, device=dev))
-                rows_idx[: z - a].copy_(torch.as_tensor(js - c0))
+                rows_idx[: len(part)].copy_(torch.as_tensor(js - c0))
 
                 def point(step: int) -> None:
                     if mode == "zero":
@@ -208,13 +225,16 @@ def intervened(fwd: Forward, mode: str, set_masks: dict[str, torch.Tensor], cell
                     else:
                         iv.sources = {name: tab[step] for name, tab in tables.items()}
 
-                want = x0_cells > 0 and bool(((sets == 0) & (js < x0_cells)).any())
+                want = x0_cells > 0 and bool(((sets[:n] == 0) & (js[:n] < x0_cells)).any())
                 v, x0 = fwd([cells[j][0] for j in js], before_step=point, hooks=(iv,), x0=want)
+                sets, js, v = sets[:n], js[:n], v[:n]  # the padding rows' results are dropped
                 jt = torch.as_tensor(js, device=dev)
                 acc.add(sets, cell_items[js], v, pred_a.index_select(0, jt), pred_b.index_select(0, jt))
                 if want:
                     keep_rows = np.flatnonzero((sets == 0) & (js < x0_cells))
                     x0_out += [(int(js[r]), x0[r]) for r in keep_rows]
+                if on_batch is not None:
+                    on_batch()
             if progress is not None:
                 progress(f"intervened passes: cells {c1}/{len(cells)} x {n_sets} sets")
     finally:
@@ -268,13 +288,17 @@ def chunk_size(plan: Plan, device: torch.device, dtype: torch.dtype, batch_size:
 
 
 def images(fwd, req, plan, masks, cells, cell_items, pred_a, pred_b, means, first) -> np.ndarray:
-    """Return decoded clean estimates ``[3, n, H, W, 3]`` uint8: A, A' (selected set), B for the first items."""
+    """Return decoded clean estimates ``[3, n, H, W, 3]`` uint8: A, A' (selected set), B for the first items.
+
+    Run eager: a few rows are not worth a compiled graph of their own.
+    """
     chosen = [first[i] for i in sorted(first)[: req.images]]
     sub = [cells[j] for j in chosen]
     scratch = Accumulator(np.zeros((1, len(cell_items))), np.zeros((1, len(cell_items))))
     sel_masks = {k: m[:1] for k, m in masks.items()}
-    x0_sel = intervened(fwd, req.intervention, sel_masks, sub, np.arange(len(sub)), pred_a[chosen],
-                                   pred_b[chosen], len(sub), len(sub), scratch, means, x0_cells=len(sub))
-    _, x0_a = fwd([c[0] for c in sub], x0=True)
-    _, x0_b = fwd([c[1] for c in sub], x0=True)
+    with compiling.eager():
+        x0_sel = intervened(fwd, req.intervention, sel_masks, sub, np.arange(len(sub)), pred_a[chosen],
+                            pred_b[chosen], len(sub), len(sub), scratch, means, x0_cells=len(sub))
+        _, x0_a = fwd([c[0] for c in sub], x0=True)
+        _, x0_b = fwd([c[1] for c in sub], x0=True)
     return np.stack([decode(fwd.loaded, plan, x) for x in (x0_a, x0_sel, x0_b)])

@@ -396,11 +396,13 @@ def _unit_list(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--images", type=click.IntRange(min=0), default=0, show_default=True,
               help="Decode A, A under the intervention, and B for this many items (a figure).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Passes per batch (default: the run's).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]),
+              help="Compile the transformer's blocks for the passes (default: the run's runtime.compile).")
 @MODEL_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 def causal(run_dir: str, contrast: str | None, top: int | None, units: list[int] | None, specificity: str | None,
            intervention: str, random_sets: int, seed: int, images: int, batch_size: int | None,
-           model_override: str | None, quiet: bool) -> None:
+           compile_: str | None, model_override: str | None, quiet: bool) -> None:
     """Intervene on a finished run's units against matched random unit sets; add a Causal test to its report."""
     from .causal import CausalError, Request, run_causal
     from .causal_report import update_report
@@ -414,7 +416,8 @@ def causal(run_dir: str, contrast: str | None, top: int | None, units: list[int]
             click.echo(f"[{time.perf_counter() - start:7.1f}s] {msg}", err=True)
 
     req = Request(contrast=contrast, top=top, units=units, specificity=specificity, intervention=intervention,
-                  random_sets=random_sets, seed=seed, images=images, model=model_override, batch_size=batch_size)
+                  random_sets=random_sets, seed=seed, images=images, model=model_override, batch_size=batch_size,
+                  compile=compile_)
     try:
         record = run_causal(run_dir, req, progress)
     except (CausalError, PlanError) as exc:

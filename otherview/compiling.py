@@ -186,15 +186,22 @@ def decide(setting: str, device: torch.device, arch_config: dict, batch_size: in
 
 
 def decide_for_plan(plan, setting: str, device: torch.device, batch_size: int,
-                    backend: str = "inductor") -> CompileDecision:
-    """Return :func:`decide`'s answer for ``plan``'s probe passes run in batches of ``batch_size``."""
+                    backend: str = "inductor", passes: int | None = None, hooks: str | None = None) -> CompileDecision:
+    """Return :func:`decide`'s answer for ``plan``'s probe passes run in batches of ``batch_size``.
+
+    ``passes`` (default: the plan's) and ``hooks`` (what else the hooks do, e.g. the causal
+    follow-up's interventions; part of the key) describe other work run at the probe's shape.
+    """
     tokens = plan.text_tokens + plan.target_tokens + plan.reference_tokens
-    batches = -(-len(plan.passes) // batch_size)
-    samples = batches * batch_size if batches > 1 else len(plan.passes)  # a short last batch is padded
+    n = len(plan.passes) if passes is None else int(passes)
+    batches = -(-n // batch_size)
+    samples = batches * batch_size if batches > 1 else n  # a short last batch is padded
     evaluations = samples * max(int(plan.probe_evaluations_per_pass), 1)
     layout = {"unit_width": plan.spec.capture.unit_width,
               "sites": sorted({(s.stream, s.kind, s.width, s.segment, s.tokens) for s in plan.sites}),
               "n_sites": len(plan.sites)}
+    if hooks is not None:
+        layout["hooks"] = hooks
     return decide(setting, device, plan.arch.transformer, batch_size, tokens, evaluations, layout, backend)
 
 

@@ -17,8 +17,6 @@ or the other and masks are built from the plan's units.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 import torch
 
 from .plan import Plan, Site
@@ -59,16 +57,48 @@ def channel_masks(plan: Plan, unit_sets: list[list[int]], device) -> dict[str, t
     return {name: m.to(device) for name, m in masks.items()}
 
 
-@dataclass
-class Intervention:
-    """Pre-hooks that overwrite the masked channels of each site's input while ``active``."""
+class _Slot:
+    """One site's state that its hook reads: the site's own tensors, never a lookup by site name.
 
-    plan: Plan
-    masks: dict[str, torch.Tensor]  # per site: bool [max_batch, width], the current batch's rows first
-    sources: dict[str, torch.Tensor | None] = field(default_factory=dict)  # per site; None: zeros
-    source_rows: torch.Tensor | None = None  # int64 [max_batch]: which row of a per-row source each row reads
-    handles: list = field(default_factory=list)
-    active: bool = True
+    Under regional compilation (one graph per block class, reused by every block of the class)
+    whatever a hook reads from its closure is guarded; a per-site Python value (a site name used as
+    a dict key, an offset) would fail the guard at the next block and recompile per site. Tensors
+    held here are graph inputs whose guards (dtype, shape) are equal across the sites of a class.
+    """
+
+    __slots__ = ("mask", "source", "target", "total")
+
+    def __init__(self, mask: torch.Tensor | None = None) -> None:
+        self.mask = mask  # bool [max_batch, width] (Intervention)
+        self.source: torch.Tensor | None = None  # what replaces the masked channels; None: zeros
+        self.target: torch.Tensor | None = None  # Recorder: where the segment is copied
+        self.total: torch.Tensor | None = None  # Recorder: fp32 [seg, width] to add weighted rows into
+
+
+class Intervention:
+    """Pre-hooks that overwrite the masked channels of each site's input while ``active``.
+
+    ``masks``: per site, bool ``[max_batch, width]``, the current batch's rows first. ``sources``
+    (assign a dict of site name -> tensor; a site left out gets zeros): ``[1, seg_tokens, width]``
+    shared by every row, or ``[rows, seg_tokens, width]`` read at ``source_rows`` (int64 ``[max_batch]``).
+    """
+
+    def __init__(self, plan: Plan, masks: dict[str, torch.Tensor]) -> None:
+        self.plan = plan
+        self.masks = masks
+        self.slots = {name: _Slot(m) for name, m in masks.items()}
+        self.source_rows: torch.Tensor | None = None
+        self.handles: list = []
+        self.active = True
+
+    @property
+    def sources(self) -> dict[str, torch.Tensor]:
+        return {name: s.source for name, s in self.slots.items() if s.source is not None}
+
+    @sources.setter
+    def sources(self, values: dict[str, torch.Tensor | None]) -> None:
+        for name, slot in self.slots.items():
+            slot.source = values.get(name)
 
     def set_rows(self, set_masks: dict[str, torch.Tensor], row_sets: torch.Tensor) -> None:
         """Give the batch's rows their sets' masks (``row_sets``: int64 [batch], on the device; no sync)."""
@@ -96,25 +126,27 @@ def _splice(x: torch.Tensor, seg: tuple[int, int], new: torch.Tensor) -> torch.T
 
 
 def _make_hook(iv: Intervention, site: Site):
-    name, (s0, s1) = site.name, site.segment
+    # Only values equal across a block class are Python constants here (segment, token count); the
+    # site's own state is its slot's tensors (see _Slot).
+    slot, seg_range, tokens, name = iv.slots[site.name], (int(site.segment[0]), int(site.segment[1])), int(site.tokens), site.name
 
     def hook(module, args):
         if not iv.active:
             return None
         x = args[0]
-        if x.shape[1] != site.tokens:
-            raise InterventionError(f"{name} received {x.shape[1]} tokens, the plan expects {site.tokens}")
+        if x.shape[1] != tokens:
+            raise InterventionError(f"{name} received {x.shape[1]} tokens, the plan expects {tokens}")
         b = x.shape[0]
-        mask = iv.masks[name][:b, None, :]  # [b, 1, width]
-        seg = x[:, s0:s1]
-        src = iv.sources.get(name)
+        mask = slot.mask[:b, None, :]  # [b, 1, width]
+        seg = x[:, seg_range[0]:seg_range[1]]
+        src = slot.source
         if src is None:
             new = seg.masked_fill(mask, 0)
         else:
             if src.shape[0] != 1:  # gathered here, one site at a time: a batch's copy of every site would not fit
                 src = src.index_select(0, iv.source_rows[:b]) if iv.source_rows is not None else src[:b]
             new = torch.where(mask, src.to(x.dtype), seg)
-        return (_splice(x, (s0, s1), new), *args[1:])
+        return (_splice(x, seg_range, new), *args[1:])
 
     return hook
 
@@ -134,16 +166,38 @@ def attach(transformer: torch.nn.Module, plan: Plan, max_batch: int, device) -> 
     return iv
 
 
-@dataclass
 class Recorder:
-    """Read-only pre-hooks that copy (or add up) each site's input segment into buffers the driver sets."""
+    """Read-only pre-hooks that copy (or add up) each site's input segment into buffers the driver sets.
 
-    plan: Plan
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # per site: [max_batch, seg, width] copy target
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # per site: fp32 [seg, width], adds weighted rows
-    weights: torch.Tensor | None = None  # fp32 [batch]: 0 for padding rows
-    handles: list = field(default_factory=list)
-    active: bool = True
+    ``targets`` (assign a dict of site name -> ``[rows, seg, width]``): each site's segment is copied
+    into its target's rows (a padded batch's extra rows are not). ``sums`` (site name -> fp32
+    ``[seg, width]``): the rows weighted by ``weights`` (fp32 ``[batch]``, 0 for padding) are added in.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.slots = {s.name: _Slot() for s in plan.sites}
+        self.weights: torch.Tensor | None = None
+        self.handles: list = []
+        self.active = True
+
+    @property
+    def targets(self) -> dict[str, torch.Tensor]:
+        return {name: s.target for name, s in self.slots.items() if s.target is not None}
+
+    @targets.setter
+    def targets(self, values: dict[str, torch.Tensor]) -> None:
+        for name, slot in self.slots.items():
+            slot.target = values.get(name)
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {name: s.total for name, s in self.slots.items() if s.total is not None}
+
+    @sums.setter
+    def sums(self, values: dict[str, torch.Tensor]) -> None:
+        for name, slot in self.slots.items():
+            slot.total = values.get(name)
 
     def detach(self) -> None:
         """Remove every hook (safe to call twice)."""
@@ -158,15 +212,16 @@ class Recorder:
 
 
 def _make_recorder(rec: Recorder, site: Site):
-    name, (s0, s1) = site.name, site.segment
+    slot, s0, s1 = rec.slots[site.name], int(site.segment[0]), int(site.segment[1])
 
     def hook(module, args):
         if rec.active:
             seg = args[0][:, s0:s1]
-            target = rec.targets.get(name)
+            target = slot.target
             if target is not None:
-                target[: seg.shape[0]].copy_(seg)
-            total = rec.sums.get(name)
+                n = min(seg.shape[0], target.shape[0])
+                target[:n].copy_(seg[:n])
+            total = slot.total
             if total is not None:
                 total += torch.einsum("b,btc->tc", rec.weights, seg.float())
         return None

@@ -202,6 +202,20 @@ def test_planted_units_are_found_and_random_sets_are_not(planted_run, fine_plan)
     assert json.loads((run_dir / "causal.json").read_text())["intervention"] == "patch"
 
 
+def test_short_batches_are_padded_and_change_no_result(planted_run):
+    """Batches padded to one shape (for a compiled graph) give the per-item effects of unpadded batches."""
+    run_dir, loaded = planted_run
+    arrays = {}
+    for batch in (1, 4):  # 6 cells x (1 + 6 sets) = 42 intervened rows: batches of 4 end with 2 rows padded
+        req = causal.Request(units=PLANTED, intervention="patch", random_sets=6, seed=3, batch_size=batch,
+                             compile="off")
+        record = causal.run_causal(run_dir, req, loaded=loaded)
+        assert record["passes"]["batch_size"] == batch and record["compile"]["compile"] is False
+        arrays[batch] = causal.store.read_tensors(run_dir / "causal.safetensors")
+    for key in ("toward", "moved", "gap"):
+        np.testing.assert_allclose(arrays[4][key], arrays[1][key], rtol=1e-4, atol=1e-6)
+
+
 def test_cli_follow_up_writes_the_report_section(planted_run, runner, monkeypatch):
     from otherview import model as model_mod
     from otherview.cli import main
@@ -261,3 +275,51 @@ def test_unit_selection(fine_plan):
         with pytest.raises(causal.CausalError) as err:
             causal.select_units(ctx, bad)
         assert err.value.problems[0][0] == where
+
+
+@torch.no_grad()
+def test_intervention_hooks_compile_once_per_class_not_per_site():
+    """Regional compilation with the intervention and recorder hooks: zero, shared source and per-row source
+    modes each compile one graph per block class (never one per site), and agree with eager."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from otherview.compiling import compile_blocks
+    from test_capture import _deep_tiny, _inputs as capture_inputs
+
+    transformer, plan = _deep_tiny(3)
+    inputs = capture_inputs(plan, 2, seed=5)
+    masks = intervention.channel_masks(plan, [[0, 5, 9, plan.n_units - 1], list(range(3, plan.n_units, 7))], "cpu")
+    shared = {s.name: torch.randn(1, s.segment[1] - s.segment[0], s.width) for s in plan.sites}
+
+    def run_all():
+        out = []
+        tables = {s.name: torch.empty(2, s.segment[1] - s.segment[0], s.width) for s in plan.sites}
+        sums = {s.name: torch.zeros(s.segment[1] - s.segment[0], s.width) for s in plan.sites}
+        with intervention.record(transformer, plan) as rec:
+            rec.targets, rec.sums, rec.weights = tables, sums, torch.tensor([1.0, 0.0])
+            out.append(transformer(**inputs)[0])
+        with intervention.attach(transformer, plan, 2, "cpu") as iv:
+            iv.set_rows(masks, torch.tensor([0, 1]))
+            for sources, rows in (({}, None), (shared, None), (tables, torch.tensor([1, 0]))):
+                iv.sources, iv.source_rows = sources, rows
+                for _ in range(2):  # a second batch reuses the graphs
+                    out.append(transformer(**inputs)[0])
+        return out, tables, sums
+
+    want, want_tables, want_sums = run_all()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_blocks(transformer, counter)
+    try:
+        got, got_tables, got_sums = run_all()
+        # Two block classes x (recorder, zeros, shared source, per-row source): 8 graphs, not 8 x 3 sites.
+        # (Hooks that looked their state up by site name built 16: one more graph per site and mode.)
+        assert counter.frame_count == 8, f"{counter.frame_count} graphs for 2 block classes x 4 hook modes"
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name in want_tables:
+            torch.testing.assert_close(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_sums[name], want_sums[name], rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

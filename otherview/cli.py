@@ -222,7 +222,8 @@ def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], memo
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Share the probe batches among N processes on this machine (starts `accelerate launch`).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec).")
+              help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec); "
+                   "with --processes N, the missing probe batches are shared among N processes.")
 @SET_OPTION
 @MEMORY_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
@@ -249,15 +250,18 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     if resume_dir is not None:
         changed = [name for name, v in (("--model", model_override), ("--out", out_dir), ("--compile", compile_),
                                         ("--batch-size", batch_size), ("--attention-backend", attention_backend),
-                                        ("--processes", processes > 1), ("--set", sets),
-                                        ("--memory", memory)) if v]
+                                        ("--set", sets), ("--memory", memory)) if v]
         if changed:
             raise errors.UserError(f"{', '.join(changed)}: a resumed run keeps the settings it was started with",
                                    source=resume_dir)
         if len(spec_paths) > 1:
             raise errors.UserError("--resume continues one run: give at most its one SPEC", source=resume_dir)
         raw = _load(spec_paths[0])[1] if spec_paths else None
-        click.echo(str(resume(resume_dir, raw, progress=progress)))
+        if processes > 1:  # the batches not recorded yet, shared among N processes
+            sys.exit(_launch(processes, [*spec_paths, "--resume", resume_dir, *(["-q"] if quiet else [])]))
+        run_dir = resume(resume_dir, raw, progress=progress)
+        if main_process:
+            click.echo(str(run_dir))
         _leave(0)
         return
     if not spec_paths:

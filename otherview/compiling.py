@@ -308,7 +308,7 @@ class BatchClock:
         self._graphs = _graph_count() if "torch._dynamo" in sys.modules else 0
 
     def wrap(self, on_batch: Callable | None) -> Callable:
-        """Return an ``on_batch(done, rms)`` callback that times each batch, then calls ``on_batch``."""
+        """Return an ``on_batch(batch, rms)`` callback that times each batch, then calls ``on_batch``."""
 
         def timed(*args):
             now = time.perf_counter()  # the batch's results were copied to the host: the device is idle

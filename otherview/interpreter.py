@@ -6,17 +6,19 @@ them, so the text encoder can leave the GPU (``offload``); the reference image o
 embeddings; the reference latents encoded once; probe passes in batches (each pass conditioned on
 the reference, every pass starting from the same seeded noise, no VAE decode of probe outputs) with
 capture hooks accumulating into a preallocated buffer; statistics; report. The manifest is
-written first (status "running") and rewritten as phases complete, and per-pass RMS are
-checkpointed after every batch, so a crash leaves a run directory that says how far it got.
+written first (status "running") and rewritten as phases complete, and every process records each
+probe batch it finishes (``shards``), so a crash leaves a run directory that says how far it got.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,7 +34,7 @@ from . import memory as memory_mod
 from . import model as model_mod
 from . import offload
 from . import report as report_mod
-from . import store
+from . import shards, store
 from . import summary as summary_mod
 from .phases import Phases, interruptible, stop_point
 from .plan import Plan, PlanError, build_plan
@@ -293,8 +295,9 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
     latents (its scene's). A short last batch is padded by repeating its last pass (results dropped)
     so every batch has one shape and a compiled graph is reused rather than recompiled.
     ``max_batches`` stops early (the compile warm-up runs one batch); ``start_batch`` and ``out``
-    resume from a checkpoint; ``batches`` runs only those batch indices (this process's share under
-    accelerate), each exactly as a single process would.
+    resume from a checkpoint; ``batches`` runs only those batch indices (this process's share of the
+    batches not recorded yet), each exactly as a single process would. ``on_batch(k, out)`` is
+    called as batch ``k`` (0-based) is in ``out``.
     """
     pipe, dev, spec, design = loaded.pipe, loaded.device, plan.spec, plan.design
     transformer = pipe.transformer
@@ -350,7 +353,7 @@ def run_probes(loaded: model_mod.LoadedModel, plan: Plan, inputs: ProbeInputs, c
         start = batch[0].index
         out[start * k_levels:(start + real) * k_levels] = values.reshape(real * k_levels, -1)
         if on_batch is not None:
-            on_batch(k + 1, out)
+            on_batch(k, out)
         if progress is not None:
             progress(f"probe batch {k + 1}/{n_batches}: passes {start + 1}-{start + real} of {len(plan.passes)}")
         if on_batch is not None:
@@ -422,16 +425,12 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     device = model_mod.resolve_device(spec.model.device)
     if loaded is None and models is not None:
         loaded = models.get(spec.model.source)
-    if not ctx.is_main:  # a worker: its share of the probes, sent to the main process, which writes
-        run_dir = Path(ctx.broadcast(None))
-        _, loaded = _phase_probe(plan, device, run_dir, {"model": {}}, Phases(), lambda msg: None, loaded, ctx)
-        if models is not None:
-            models[spec.model.source] = loaded
-        return run_dir
+    if not ctx.is_main:
+        return _worker(plan, device, Path(ctx.broadcast(None)), ctx, loaded, models)
     run_dir = store.new_run_dir(out_dir or spec.output.dir, spec.experiment.name)
     ctx.broadcast(str(run_dir))
     manifest = {"status": "running", "started": store.now(), "process": store.process_id(), "phase": None,
-                "phases_done": [], "spec_path": spec_path, "spec_text": raw_text,
+                "phases_done": [], "run_id": uuid.uuid4().hex, "spec_path": spec_path, "spec_text": raw_text,
                 "spec_text_sha256": hashlib.sha256(raw_text.encode()).hexdigest(),
                 "spec": spec.model_dump(mode="json"), "spec_hash": spec_hash(spec),
                 "random_weights": plan.arch.random_weights, "model_override": model_override,
@@ -450,16 +449,81 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     return _run(plan, device, run_dir, manifest, progress, loaded, workers, ctx, models)
 
 
+def _worker(plan: Plan, device: torch.device, run_dir: Path, ctx: distributed.Context,
+            loaded: model_mod.LoadedModel | None, models: dict | None = None, probe: bool = True) -> Path:
+    """Run a worker's part of a run under accelerate, its share of the probe batches, and return the run directory.
+
+    The main process decides which batches remain and writes everything but the workers' shard files.
+    """
+    if probe:
+        _, loaded = _phase_probe(plan, device, run_dir, {"model": {}}, Phases(), lambda msg: None, loaded, ctx)
+    if models is not None and loaded is not None:
+        models[plan.spec.model.source] = loaded
+    return run_dir
+
+
 def resume(run_dir: str | Path, raw_text: str | None = None, progress: Progress | None = None,
            loaded: model_mod.LoadedModel | None = None, workers=None) -> Path:
-    """Continue an interrupted or failed run in ``run_dir`` from its last finished phase and probe batch.
+    """Continue an interrupted or failed run in ``run_dir`` from its last finished phase and probe batches.
 
     Refused (``RunDirError``) when the run is complete or still running, when ``raw_text`` (the spec
-    given again) differs from the recorded one, or when the model, the reference image files or the
-    code that produced its checkpoints differ from those recorded: results are then bitwise those of
-    an uninterrupted run (on the CPU; on CUDA, to its own determinism).
+    given again) differs from the recorded one, when the model, the reference image files or the
+    code that produced its checkpoints differ from those recorded, or when its shard files do not
+    fit it: results are then bitwise those of an uninterrupted run (on the CPU; on CUDA, to its own
+    determinism). Under ``accelerate launch`` every process calls this: the main process checks and
+    shares the probe batches not recorded yet among the processes, whatever their number before.
     """
     run_dir = Path(run_dir)
+    ctx = distributed.context(_recorded_device(run_dir))
+    if not ctx.is_main:
+        job = ctx.broadcast(None)
+        if job is None:  # the main process refused, and says why
+            return run_dir
+        plan = _resume_plan(Spec.model_validate(job["spec"]), job["spec_path"], ctx)
+        return _worker(plan, ctx.device, run_dir, ctx, loaded, probe=job["probe"])
+    try:
+        manifest, spec = _resumable(run_dir, raw_text)
+        plan = _resume_plan(spec, manifest.get("spec_path", str(run_dir)), ctx)
+        probe = "write" not in manifest.get("phases_done", []) and shards.read_complete(run_dir, plan) is None
+        if probe and manifest.get("batch_size"):  # shard files of another run or batch size: refused here
+            shards.recorded(run_dir, plan, manifest["batch_size"], manifest.get("run_id"))
+    except BaseException:
+        ctx.broadcast(None)  # the workers stop too
+        raise
+    ctx.broadcast({"spec": plan.spec.model_dump(mode="json"), "spec_path": manifest.get("spec_path", str(run_dir)),
+                   "probe": probe})
+    device = model_mod.resolve_device(plan.spec.model.device)
+    manifest.setdefault("resumed", []).append({"at": store.now(), "from_status": manifest["status"],
+                                               "from_phase": manifest.get("phase"),
+                                               "phases_done": list(manifest.get("phases_done", [])),
+                                               "processes_before": manifest.get("processes", 1),
+                                               "processes": ctx.world})
+    manifest.update(status="running", process=store.process_id(), error=None, finished=None, processes=ctx.world)
+    store.write_json(run_dir / "manifest.json", manifest)
+    (progress or log.info)(f"resuming {run_dir} after phases {', '.join(manifest.get('phases_done', [])) or 'none'}"
+                           + (f", {ctx.world} processes" if ctx.world > 1 else ""))
+    return _run(plan, device, run_dir, manifest, progress, loaded, workers, ctx)
+
+
+def _recorded_device(run_dir: Path) -> str:
+    """Return the device a run's recorded spec names ("auto" where unreadable): how its processes meet on a resume."""
+    try:
+        return str(store.read_json(Path(run_dir) / "manifest.json")["spec"]["model"]["device"])
+    except Exception:  # noqa: BLE001  the main process's checks say what is wrong with the manifest
+        return "auto"
+
+
+def _resume_plan(spec: Spec, spec_path: str, ctx: distributed.Context) -> Plan:
+    """Return the plan of a recorded spec, on this process's device under accelerate."""
+    if ctx.world > 1:
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": str(ctx.device)})})
+    arch, problems = checks.with_text_encoder_layers(spec, model_mod.architecture(spec.model.source))
+    checks.raise_problems(problems, spec_path)
+    return build_plan(spec, arch)
+
+
+def _resumable(run_dir: Path, raw_text: str | None) -> tuple[dict, Spec]:
+    """Return a run's manifest and recorded spec; raise ``RunDirError`` where the run cannot be resumed as it was."""
     manifest = store.read_manifest(run_dir)
     fail = lambda msg: errors.RunDirError(msg, source=str(run_dir))  # noqa: E731
     status = manifest["status"]
@@ -489,17 +553,7 @@ def resume(run_dir: str | Path, raw_text: str | None = None, progress: Progress 
     if fingerprints.get("code") != store.code_fingerprint():
         raise fail("otherview's code or its torch/diffusers versions differ from those that made this run's "
                    "checkpoints: results would not match an uninterrupted run; start a new run")
-    arch, problems = checks.with_text_encoder_layers(spec, model_mod.architecture(spec.model.source))
-    checks.raise_problems(problems, manifest.get("spec_path", str(run_dir)))
-    plan = build_plan(spec, arch)
-    device = model_mod.resolve_device(spec.model.device)
-    manifest.setdefault("resumed", []).append({"at": store.now(), "from_status": status,
-                                               "from_phase": manifest.get("phase"),
-                                               "phases_done": list(manifest.get("phases_done", []))})
-    manifest.update(status="running", process=store.process_id(), error=None, finished=None)
-    store.write_json(run_dir / "manifest.json", manifest)
-    (progress or log.info)(f"resuming {run_dir} after phases {', '.join(manifest.get('phases_done', [])) or 'none'}")
-    return _run(plan, device, run_dir, manifest, progress, loaded, workers)
+    return manifest, spec
 
 
 def _run(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, progress: Progress | None,
@@ -587,21 +641,6 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
         store.seal(run_dir, manifest)  # from here on, report refuses files that no longer match
 
 
-def _checkpoint(run_dir: Path, plan: Plan, batch_size: int) -> tuple[np.ndarray, int]:
-    """Return the per-pass array with the rows of the finished probe batches filled in, and their count."""
-    out = np.zeros((plan.design.n_rows, plan.n_units), dtype=np.float32)
-    path = run_dir / "rms.safetensors"
-    if not path.exists():
-        return out, 0
-    meta = store.tensors_metadata(path)
-    if int(meta.get("batch_size", batch_size)) != batch_size or "batches_done" not in meta:
-        raise errors.RunDirError(f"rms.safetensors was checkpointed in batches of {meta.get('batch_size')}, the "
-                                 f"manifest says {batch_size}", source=str(run_dir))
-    rms = store.read_tensors(path)["rms"]
-    out[: rms.shape[0]] = rms
-    return out, int(meta["batches_done"])
-
-
 def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded,
                 est: memory_mod.Estimate | None = None):
     spec = plan.spec
@@ -622,15 +661,53 @@ def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progres
 
 def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phases, say: Progress, loaded,
                  ctx: distributed.Context | None = None):
-    """Return the per-pass values and the loaded model: reference, encoding and probe batches.
+    """Return the per-pass values and the loaded model: the probe batches not recorded yet, shared by the processes.
 
-    Under accelerate this process runs its share of the batches; the main process gets every row
-    (``_gather_probes``), a worker gets None.
+    The main process reads every finished batch (``shards.recorded``) and shares out the missing
+    ones; each process records its batches in its own shard file; the main process gets every row
+    (``shards.gather``) and writes rms.safetensors; a worker gets None.
     """
-    spec = plan.spec
     ctx = ctx or distributed.Context()
     est = memory_mod.plan_memory(plan, device)  # a run that cannot fit stops here, before any weight is loaded
     manifest["memory"] = est.record()
+    work, rms = _probe_work(plan, device, run_dir, manifest, ctx, est, say)
+    manifest["batch_size"] = manifest["memory"]["batch_size"] = work.batch_size  # a resumed run keeps its batch
+    if work.todo:  # else every batch is recorded (a run stopped while gathering): no model needed
+        inputs, loaded = _probe_inputs(plan, device, run_dir, manifest, phases, say, loaded, ctx, est)
+        rms = _probe_batches(plan, device, run_dir, manifest, phases, say, loaded, inputs, work, rms, ctx, est)
+    # waits for the slowest process: probe + gather is the parallel probe time
+    with phases("gather") if ctx.world > 1 else contextlib.nullcontext():
+        rms = shards.gather(ctx, plan, rms, work)
+    stop_point("gathered")  # every batch recorded, rms.safetensors not yet written
+    if ctx.is_main:
+        shards.write_probes(run_dir, plan, rms, work.batch_size)
+    if device.type == "cuda":
+        manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        manifest["memory"].update(peak_gib=manifest["peak_gpu_memory_gib"],
+                                  peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
+    return rms, loaded
+
+
+def _probe_work(plan: Plan, device, run_dir: Path, manifest: dict, ctx: distributed.Context,
+                est: memory_mod.Estimate, say: Progress) -> tuple[shards.Work, np.ndarray | None]:
+    """Return the batches to run (decided by the main process, on every process) and, on the main one, those recorded."""
+    if not ctx.is_main:
+        return ctx.broadcast(None), None
+    batch_size = manifest.get("batch_size") or plan.batch_size or auto_batch_size(plan, device, est)
+    rms, done = shards.recorded(run_dir, plan, batch_size, manifest.get("run_id"))
+    n = shards.n_batches(plan, batch_size)
+    todo = [b for b in range(n) if b not in done]
+    work = shards.Work(batch_size, todo, attempt=len(manifest.get("resumed", [])), run_id=manifest.get("run_id"),
+                       processes=ctx.world)
+    if manifest.get("resumed"):
+        manifest["resumed"][-1].update(batches_recorded=len(done), batches_todo=shards.ranges(todo))
+        say(f"probe batches recorded: {len(done)} of {n}; to run: {shards.ranges(todo) or 'none'}")
+    return ctx.broadcast(work), rms
+
+
+def _probe_inputs(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phases, say: Progress, loaded,
+                  ctx: distributed.Context, est: memory_mod.Estimate) -> tuple[ProbeInputs, model_mod.LoadedModel]:
+    """Return the probe inputs (prompts encoded, reference images made or read, their latents) and the model."""
     loaded = _load_model(plan, device, manifest, phases, say, loaded, est)
     # Every prompt first (probe, reference, the empty CFG prompt): the text encoder can then leave the GPU.
     offload.place(loaded, est, "encode")
@@ -648,19 +725,21 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
         images = distributed.images_from_bytes(ctx.broadcast(None))
     with phases("encode_images", device):
         inputs = prepare_probe_inputs(loaded, plan, images, texts=texts)
-    del texts
-    batch_size = manifest.get("batch_size") or plan.batch_size or auto_batch_size(plan, device, est)
-    manifest["batch_size"] = manifest["memory"]["batch_size"] = batch_size  # a resumed run keeps its batch
-    rms, start = _checkpoint(run_dir, plan, batch_size) if phases.done("encode") else (None, 0)
+    return inputs, loaded
+
+
+def _probe_batches(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phases, say: Progress, loaded,
+                   inputs: ProbeInputs, work: shards.Work, rms: np.ndarray | None, ctx: distributed.Context,
+                   est: memory_mod.Estimate) -> np.ndarray:
+    """Return ``rms`` with this process's share of ``work`` run, each batch recorded in its shard file as it ends."""
+    spec, batch_size = plan.spec, work.batch_size
+    mine, ran = work.mine(ctx.rank), []
+    path = shards.shard_path(run_dir, work.attempt, ctx.rank)
     buffer = torch.zeros((batch_size, 1, plan.n_units), dtype=torch.float32, device=device)
 
-    def checkpoint(done_batches: int, rms: np.ndarray) -> None:
-        if ctx.world > 1:
-            return  # shards are gathered to the main process at the end of the probes
-        done = min(done_batches * batch_size, len(plan.passes))
-        store.write_tensors(run_dir / "rms.safetensors", {"rms": rms[: done * len(plan.design.steps)]},
-                            {"passes_done": str(done), "batches_done": str(done_batches),
-                             "batch_size": str(batch_size)})
+    def checkpoint(batch: int, rms: np.ndarray) -> None:
+        ran.append(batch)
+        shards.write_shard(path, plan, rms, ran, batch_size, work.run_id, work.attempt, ctx.rank, ctx.world)
 
     decision = compiling.decide_for_plan(plan, spec.runtime.compile, device, batch_size, spec.runtime.compile_backend)
     if decision.compile and not est.compiled:  # group offloading's per-block hooks run eager
@@ -673,34 +752,26 @@ def _phase_probe(plan: Plan, device, run_dir: Path, manifest: dict, phases: Phas
                            "compile_decision": decision.record(),
                            "attention_backend": spec.runtime.attention_backend,
                            "capture_kernel": spec.runtime.capture_kernel}
+    n_batches = shards.n_batches(plan, batch_size)
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
-        + (f", resuming after batch {start}" if start else "")
+        + (f", {n_batches - len(work.todo)} batches recorded before" if len(work.todo) < n_batches else "")
         + (", compiled blocks (the first batch compiles)" if compiled else ""))
+    if ctx.world > 1:
+        say(f"{ctx.world} processes: this one runs {len(mine)} of {len(work.todo)} batches")
     side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
         if spec.capture.tokens == "prompt":
             cap.token_mask = torch.zeros((batch_size, plan.text_tokens), dtype=torch.float32, device=device)
-        n_batches = math.ceil(len(plan.passes) / batch_size)
-        mine = ctx.my_batches(n_batches)
-        if ctx.world > 1:
-            say(f"{ctx.world} processes: this one runs {len(mine)} of {n_batches} batches")
         clock = compiling.BatchClock()  # the first batch compiles: its extra time is the compile's
         with phases("probe", device), compiling.probe_stance(decision):
             rms = run_probes(loaded, plan, inputs, cap, batch_size, on_batch=clock.wrap(checkpoint), progress=say,
-                             start_batch=start, out=rms, batches=mine)
+                             out=rms, batches=mine)
         clock.finish(decision)
         manifest["runtime"]["compile_decision"] = decision.record()
         compiling.release(background=True)  # no compile after this: stop inductor's workers meanwhile
-    if ctx.world > 1:
-        with phases("gather"):  # waits for the slowest process: probe + gather is the parallel probe time
-            rms = _gather_probes(ctx, plan, rms, batch_size, n_batches)
-    if device.type == "cuda":
-        manifest["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        manifest["memory"].update(peak_gib=manifest["peak_gpu_memory_gib"],
-                                  peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / 2**30, 2))
-    return rms, loaded
+    return rms
 
 
 @memory_mod.oom_as_budget_error
@@ -711,9 +782,8 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     Return the model (None when none was needed), for the next spec of the invocation.
     """
     if not phases.done("write"):
-        if phases.done("probe"):
-            rms = store.read_tensors(run_dir / "rms.safetensors")["rms"]
-        else:
+        rms = shards.read_complete(run_dir, plan)  # the probes finished before a resume
+        if rms is None:
             rms, loaded = _phase_probe(plan, device, run_dir, manifest, phases, say, loaded, ctx)
         results = _phase_statistics(plan, rms, phases, say, device)
         _phase_write(plan, rms, results, run_dir, phases, manifest)
@@ -724,25 +794,3 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
     store.write_json(run_dir / "manifest.json", manifest)
     say(f"report: {run_dir / 'report.md'}")
     return loaded
-
-
-def _gather_probes(ctx: distributed.Context, plan: Plan, rms: np.ndarray, batch_size: int,
-                   n_batches: int) -> np.ndarray:
-    """Return, on the main process, every process's probe rows assembled in pass order (None elsewhere)."""
-    k = len(plan.design.steps)
-    rows = []
-    for b in ctx.my_batches(n_batches):
-        start, stop = b * batch_size * k, min((b + 1) * batch_size, len(plan.passes)) * k
-        rows.append((start, stop))
-    parts = ctx.gather([(a, z, rms[a:z]) for a, z in rows])
-    if not ctx.is_main:
-        return None
-    out = np.zeros_like(rms)
-    covered = np.zeros(len(out), dtype=bool)
-    for part in parts:
-        for a, z, values in part:
-            out[a:z] = values
-            covered[a:z] = True
-    if not covered.all():
-        raise RuntimeError(f"probe rows missing after gathering from {ctx.world} processes")
-    return out

@@ -22,7 +22,9 @@ from . import store
 from .errors import Interrupted
 
 #: Test hook: ``PHASE[:BATCH][:SIGNAL]`` sends SIGNAL (KILL by default) to this process as PHASE starts
-#: (``probe:2``: after the second probe batch is checkpointed), so tests stop a run at a chosen point.
+#: (``probe:2``: after the second probe batch is checkpointed, by whichever process ran it;
+#: ``gathered``: once every process's batches are with the main process, before rms.safetensors is
+#: written), so tests stop a run at a chosen point. Under accelerate every process that reaches the point stops.
 STOP_ENV = "OTHERVIEW_TEST_STOP"
 
 

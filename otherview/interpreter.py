@@ -422,9 +422,10 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     device = model_mod.resolve_device(spec.model.device)
     if loaded is None and models is not None:
         loaded = models.get(spec.model.source)
-    if not ctx.is_main:  # a worker: its share of the probes, sent to the main process, which writes
+    if not ctx.is_main:  # a worker: its share of the probes and of the nulls' flips; the main process writes
         run_dir = Path(ctx.broadcast(None))
         _, loaded = _phase_probe(plan, device, run_dir, {"model": {}}, Phases(), lambda msg: None, loaded, ctx)
+        _phase_statistics(plan, None, Phases(), lambda msg: None, device, ctx)
         if models is not None:
             models[spec.model.source] = loaded
         return run_dir
@@ -552,9 +553,22 @@ def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Pro
     return images
 
 
-def _phase_statistics(plan: Plan, rms: np.ndarray, phases: Phases, say: Progress, device):
+def _phase_statistics(plan: Plan, rms: np.ndarray | None, phases: Phases, say: Progress, device,
+                      ctx: distributed.Context | None = None):
+    """Return the analyses of the per-pass values ``rms``.
+
+    Under accelerate every process runs this phase: the main process's ``rms`` is broadcast (a
+    worker passes None), every process makes the same analyses, and each sign-flip null's flips are
+    split across the processes (``Context.flip_split``: counts summed, bitwise the one-process
+    null). Every process gets the results; the main process alone goes on to write them.
+    """
     with phases("statistics"):
-        return analysis_mod.analyse(plan.design, rms, device, progress=say)
+        split = None
+        if ctx is not None and ctx.world > 1:
+            rms = ctx.broadcast(rms)
+            split = ctx.flip_split()
+            say(f"{ctx.world} processes: every sign-flip null's flips are split across them")
+        return analysis_mod.analyse(plan.design, rms, device, progress=say, split=split)
 
 
 def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases, manifest: dict) -> None:
@@ -582,9 +596,17 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
         summary = summary_mod.summarise(plan, results)
         summary["random_weights"] = plan.arch.random_weights
         store.write_json(run_dir / "summary.json", summary)
-        manifest.update(null={r.key: {"method": r.null.method, "exact": r.null.exact, "flips": int(r.null.result.n_flips)}
-                              for r in results.contrasts})
+        manifest.update(null={r.key: _null_record(r.null) for r in results.contrasts})
         store.seal(run_dir, manifest)  # from here on, report refuses files that no longer match
+
+
+def _null_record(null) -> dict:
+    """Return the manifest's record of one contrast's null; a split null says how (processes, ranges)."""
+    record = {"method": null.method, "exact": null.exact, "flips": int(null.result.n_flips)}
+    ranges = null.result.flip_ranges
+    if len(ranges) > 1:  # each step-down pass is split into the same ranges
+        record["split"] = {"processes": len(ranges), "flip_ranges": [list(r) for r in ranges]}
+    return record
 
 
 def _checkpoint(run_dir: Path, plan: Plan, batch_size: int) -> tuple[np.ndarray, int]:
@@ -715,7 +737,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
             rms = store.read_tensors(run_dir / "rms.safetensors")["rms"]
         else:
             rms, loaded = _phase_probe(plan, device, run_dir, manifest, phases, say, loaded, ctx)
-        results = _phase_statistics(plan, rms, phases, say, device)
+        results = _phase_statistics(plan, rms, phases, say, device, ctx)
         _phase_write(plan, rms, results, run_dir, phases, manifest)
     with phases("report"):
         report_mod.write_report(run_dir, workers)

@@ -21,6 +21,7 @@ TORCH_LIBRARY(otherview, m) {
   // Sign-flip null of the paired t from integers prepared on the host (otherview/ops/fixedpoint.py):
   // q int32 [N, U], thr int32 [K, U], a_obs int32 [U], kinv int64 [U]. mode "exact" walks all
   // 2^(N-1) flips (first sign held), "random" draws n_flips seeded flips (flip 0 is the identity).
+  // Counts only flips [flip_start, flip_stop) (None: to the last): ranges tiling the flips add up.
   // Returns (count_hist [K, U+1], exceed [U], fwer_hi [U], fwer_lo [U], max_hist [n_max_bins]), int64.
-  m.def("signflip_null(Tensor q, Tensor thr, Tensor a_obs, Tensor kinv, str mode, int n_flips, int seed, int n_max_bins) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("signflip_null(Tensor q, Tensor thr, Tensor a_obs, Tensor kinv, str mode, int n_flips, int seed, int n_max_bins, int flip_start=0, int? flip_stop=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

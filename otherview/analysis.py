@@ -18,6 +18,7 @@ import torch
 
 from . import inference, stats
 from .design import FACTORS, Analysis, Design, SpecificityDef
+from .ops.signflip import FlipSplit
 
 # Per-level nulls are many (factor levels x analyses): exact where cheap, else random flips.
 LEVEL_EXACT_BUDGET = 1e8  # unit-flips
@@ -107,7 +108,7 @@ def fwer_p(inf: inference.UnitInference) -> np.ndarray:
 
 
 def _contrast(design: Design, rms: np.ndarray, a: Analysis, device: torch.device,
-              say: Callable[[str], None]) -> ContrastResult:
+              say: Callable[[str], None], split: FlipSplit | None) -> ContrastResult:
     spec = design.spec
     step_level = design.steps.index(a.step)
     d = design.contrast_d(rms, a.contrast, step_level)
@@ -115,14 +116,16 @@ def _contrast(design: Design, rms: np.ndarray, a: Analysis, device: torch.device
     with warnings.catch_warnings():  # the null's notes go to the report and the progress, not to stderr as warnings
         warnings.simplefilter("ignore", RuntimeWarning)
         null = stats.sign_flip_null(d, spec.null.thresholds, spec.null.method, spec.null.flips, spec.null.seed,
-                                    spec.null.quantile, device, fwer=spec.null.fwer, alpha=spec.null.alpha)
+                                    spec.null.quantile, device, fwer=spec.null.fwer, alpha=spec.null.alpha,
+                                    split=split)
     for note in null.notes:
         say(f"note ({a.key}): {note}")
     inf = inference.infer(d, null, np.asarray(spec.ranks()), spec.null.seed, device=device)
     return ContrastResult(a, design.contrast(a.contrast).label, d, t, null, inf)
 
 
-def _levels(design: Design, rms: np.ndarray, a: Analysis, device: torch.device) -> list[LevelResult]:
+def _levels(design: Design, rms: np.ndarray, a: Analysis, device: torch.device,
+            split: FlipSplit | None) -> list[LevelResult]:
     spec, out = design.spec, []
     step_level = design.steps.index(a.step)
     for factor, labels in design.levels().items():
@@ -137,23 +140,27 @@ def _levels(design: Design, rms: np.ndarray, a: Analysis, device: torch.device) 
                 warnings.simplefilter("ignore", RuntimeWarning)
                 null = stats.sign_flip_null(d, spec.null.thresholds, "exact" if exact else "random", flips,
                                             spec.null.seed, spec.null.quantile, device, fwer="single-step",
-                                            alpha=spec.null.alpha)
+                                            alpha=spec.null.alpha, split=split)
             out.append(LevelResult(a.key, factor, level, label, stats.paired_t(d), null.result.p_fwer, null.method,
                                    int(null.result.n_flips)))
     return out
 
 
 def analyse(design: Design, rms: np.ndarray, device: torch.device | str = "cpu",
-            progress: Callable[[str], None] | None = None) -> Results:
-    """Return every analysis of ``design`` on per-pass values ``rms`` (shape (n_rows, n_units))."""
+            progress: Callable[[str], None] | None = None, split: FlipSplit | None = None) -> Results:
+    """Return every analysis of ``design`` on per-pass values ``rms`` (shape (n_rows, n_units)).
+
+    ``split``: every sign-flip null's flips are shared among processes that all call this with the
+    same ``rms`` (``otherview.distributed``); each gets the same, whole-null results.
+    """
     device = torch.device(device)
     say = progress or (lambda _: None)
     contrasts, levels = [], []
     for a in design.analyses:
         say(f"contrast {a.key}: sign-flip null ({design.spec.null.method}) and per-unit inference")
-        contrasts.append(_contrast(design, rms, a, device, say))
+        contrasts.append(_contrast(design, rms, a, device, say, split))
         if design.contrast(a.contrast).derived_from is None:
-            levels += _levels(design, rms, a, device)
+            levels += _levels(design, rms, a, device, split)
     by_key = {c.key: c for c in contrasts}
     tests = []
     alpha = design.spec.null.alpha

@@ -220,7 +220,8 @@ def plan(spec_path: str, model_override: str | None, sets: tuple[str, ...], memo
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override probe.batch_size.")
 @click.option("--attention-backend", help="Override runtime.attention_backend (a diffusers backend name).")
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Share the probe batches among N processes on this machine (starts `accelerate launch`).")
+              help="Share the probe batches and the sign-flip nulls' flips among N processes on this machine "
+                   "(starts `accelerate launch`).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the interrupted or failed run in this run directory (SPEC, if given, must be its spec); "
                    "with --processes N, the missing probe batches are shared among N processes.")
@@ -234,7 +235,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     """Run each SPEC end to end and write its run directory and report (or continue one with --resume).
 
     Several specs share the loaded model (one run directory each). Under `accelerate launch` (or with
-    --processes N) the probe batches are shared among the processes.
+    --processes N) the probe batches and each sign-flip null's flips are shared among the processes.
     """
     from .checks import preflight
     from .interpreter import execute, resume

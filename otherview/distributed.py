@@ -2,8 +2,11 @@
 
 Under ``accelerate launch`` (which sets ``WORLD_SIZE``) every process loads the model once and runs
 the probe batches ``k`` with ``k % world == rank``; the per-pass unit values (small) are gathered to
-the main process, which alone writes the run directory, runs the statistics and writes the report.
-The reference images are made once, on the main process, and sent to the others. Batches keep the
+the main process, which writes the run directory and the report. The statistics phase is shared: the
+main process broadcasts the per-pass values, every process runs the same analyses, and each sign-flip
+null's flips are split into one range per process (:meth:`Context.flip_split`), each counted on the
+process's own device and summed (integer counts: bitwise the one-process null). The reference
+images are made once, on the main process, and sent to the others. Batches keep the
 single-process composition (same size, same padding), so the values do not depend on the process
 count: bitwise on the CPU (at equal threads per process); on GPUs up to the kernels' own
 nondeterminism.
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .ops.signflip import FlipSplit
 
 
 @dataclass
@@ -58,6 +63,20 @@ class Context:
         out = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the elementwise sum of every process's ``tensor`` (same shape and dtype), on every process."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def flip_split(self) -> FlipSplit | None:
+        """Return how this process shares a sign-flip null's flips; None in one process (no split)."""
+        return None if self.world == 1 else FlipSplit(self.rank, self.world, self.all_sum)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -450,13 +450,18 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
 
 
 def _worker(plan: Plan, device: torch.device, run_dir: Path, ctx: distributed.Context,
-            loaded: model_mod.LoadedModel | None, models: dict | None = None, probe: bool = True) -> Path:
-    """Run a worker's part of a run under accelerate, its share of the probe batches, and return the run directory.
+            loaded: model_mod.LoadedModel | None, models: dict | None = None, probe: bool = True,
+            statistics: bool = True) -> Path:
+    """Run a worker's part of a run under accelerate and return the run directory: its share of the probe
+    batches and of every sign-flip null's flips.
 
-    The main process decides which batches remain and writes everything but the workers' shard files.
+    The main process decides which batches remain and writes everything but the workers' shard files;
+    ``statistics`` is whether it runs the statistics phase (a worker must join it exactly then).
     """
     if probe:
         _, loaded = _phase_probe(plan, device, run_dir, {"model": {}}, Phases(), lambda msg: None, loaded, ctx)
+    if statistics:
+        _phase_statistics(plan, None, Phases(), lambda msg: None, device, ctx)
     if models is not None and loaded is not None:
         models[plan.spec.model.source] = loaded
     return run_dir
@@ -480,7 +485,7 @@ def resume(run_dir: str | Path, raw_text: str | None = None, progress: Progress 
         if job is None:  # the main process refused, and says why
             return run_dir
         plan = _resume_plan(Spec.model_validate(job["spec"]), job["spec_path"], ctx)
-        return _worker(plan, ctx.device, run_dir, ctx, loaded, probe=job["probe"])
+        return _worker(plan, ctx.device, run_dir, ctx, loaded, probe=job["probe"], statistics=job["statistics"])
     try:
         manifest, spec = _resumable(run_dir, raw_text)
         plan = _resume_plan(spec, manifest.get("spec_path", str(run_dir)), ctx)
@@ -491,7 +496,7 @@ def resume(run_dir: str | Path, raw_text: str | None = None, progress: Progress 
         ctx.broadcast(None)  # the workers stop too
         raise
     ctx.broadcast({"spec": plan.spec.model_dump(mode="json"), "spec_path": manifest.get("spec_path", str(run_dir)),
-                   "probe": probe})
+                   "probe": probe, "statistics": "write" not in manifest.get("phases_done", [])})
     device = model_mod.resolve_device(plan.spec.model.device)
     manifest.setdefault("resumed", []).append({"at": store.now(), "from_status": manifest["status"],
                                                "from_phase": manifest.get("phase"),
@@ -606,9 +611,22 @@ def _phase_reference(loaded, plan: Plan, run_dir: Path, phases: Phases, say: Pro
     return images
 
 
-def _phase_statistics(plan: Plan, rms: np.ndarray, phases: Phases, say: Progress, device):
+def _phase_statistics(plan: Plan, rms: np.ndarray | None, phases: Phases, say: Progress, device,
+                      ctx: distributed.Context | None = None):
+    """Return the analyses of the per-pass values ``rms``.
+
+    Under accelerate every process runs this phase: the main process's ``rms`` is broadcast (a
+    worker passes None), every process makes the same analyses, and each sign-flip null's flips are
+    split across the processes (``Context.flip_split``: counts summed, bitwise the one-process
+    null). Every process gets the results; the main process alone goes on to write them.
+    """
     with phases("statistics"):
-        return analysis_mod.analyse(plan.design, rms, device, progress=say)
+        split = None
+        if ctx is not None and ctx.world > 1:
+            rms = ctx.broadcast(rms)
+            split = ctx.flip_split()
+            say(f"{ctx.world} processes: every sign-flip null's flips are split across them")
+        return analysis_mod.analyse(plan.design, rms, device, progress=say, split=split)
 
 
 def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases, manifest: dict) -> None:
@@ -636,9 +654,17 @@ def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Ph
         summary = summary_mod.summarise(plan, results)
         summary["random_weights"] = plan.arch.random_weights
         store.write_json(run_dir / "summary.json", summary)
-        manifest.update(null={r.key: {"method": r.null.method, "exact": r.null.exact, "flips": int(r.null.result.n_flips)}
-                              for r in results.contrasts})
+        manifest.update(null={r.key: _null_record(r.null) for r in results.contrasts})
         store.seal(run_dir, manifest)  # from here on, report refuses files that no longer match
+
+
+def _null_record(null) -> dict:
+    """Return the manifest's record of one contrast's null; a split null says how (processes, ranges)."""
+    record = {"method": null.method, "exact": null.exact, "flips": int(null.result.n_flips)}
+    ranges = null.result.flip_ranges
+    if len(ranges) > 1:  # each step-down pass is split into the same ranges
+        record["split"] = {"processes": len(ranges), "flip_ranges": [list(r) for r in ranges]}
+    return record
 
 
 def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded,
@@ -785,7 +811,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         rms = shards.read_complete(run_dir, plan)  # the probes finished before a resume
         if rms is None:
             rms, loaded = _phase_probe(plan, device, run_dir, manifest, phases, say, loaded, ctx)
-        results = _phase_statistics(plan, rms, phases, say, device)
+        results = _phase_statistics(plan, rms, phases, say, device, ctx)
         _phase_write(plan, rms, results, run_dir, phases, manifest)
     with phases("report"):
         report_mod.write_report(run_dir, workers)

@@ -144,7 +144,8 @@ def choose_method(method: str, n_pairs: int, n_units: int, device: torch.device)
 
 def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: int, seed: int,
                    quantile: float, device: torch.device | str = "cpu", *, fwer: str = "step-down",
-                   alpha: float = 0.05, budget_s: float | None = None) -> NullSummary:
+                   alpha: float = 0.05, budget_s: float | None = None,
+                   split: signflip_ops.FlipSplit | None = None) -> NullSummary:
     """Return the sign-flip null of the paired t over ``d`` (shape (n_pairs, n_units)).
 
     Parameters
@@ -168,6 +169,9 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
     budget_s : float, optional
         Refuse (``resolution.NullTooExpensive``, also ``inference.NullTooExpensive``) before any work when the estimate exceeds it;
         default ``resolution.NULL_BUDGET_S``.
+    split : FlipSplit, optional
+        Share the flips (and every step-down pass's) among processes that all make this call with the
+        same ``d`` (``otherview.distributed``); each gets the whole null.
     """
     d = np.asarray(d, dtype=np.float64)
     _check_finite(d)
@@ -197,9 +201,9 @@ def sign_flip_null(d: np.ndarray, thresholds: list[float], method: str, flips: i
     secs = resolution.check_null_budget(chosen, n, u, used, kind, alpha,
                                        resolution.NULL_BUDGET_S if budget_s is None else budget_s, len(thresholds))
     dt = torch.as_tensor(d, dtype=torch.float64, device=device)
-    result = signflip_ops.signflip_null(dt, list(thresholds), mode=chosen, n_flips=used, seed=seed)
+    result = signflip_ops.signflip_null(dt, list(thresholds), mode=chosen, n_flips=used, seed=seed, split=split)
     if fwer == "step-down":
-        result = signflip_ops.step_down(dt, result, alpha, seed=seed)
+        result = signflip_ops.step_down(dt, result, alpha, seed=seed, split=split)
     return NullSummary(result=result, method=chosen, exact=chosen == "exact", thresholds=list(thresholds),
                        quantile=quantile, fwer=fwer, alpha=alpha, flips=result.n_flips, min_p=result.min_p,
                        resolution=floor, estimated_seconds=secs, notes=notes)

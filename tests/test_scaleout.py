@@ -1,4 +1,7 @@
-"""Scale-out with accelerate on this CPU: several processes, two 'machines' on loopback, several specs."""
+"""Scale-out with accelerate on this CPU: several processes, two 'machines' on loopback, several specs.
+
+The probes are shared by batch and every sign-flip null by flip range; either way the run's arrays,
+null counts and statistics must be bitwise those of one process."""
 
 import json
 import os
@@ -30,12 +33,28 @@ def _run_dirs(out: str) -> list[Path]:
 
 
 def _same_run(a: Path, b: Path) -> None:
-    ra, rb = read_tensors(a / "rms.safetensors"), read_tensors(b / "rms.safetensors")
-    assert ra.keys() == rb.keys()
-    for key in ra:
-        assert np.array_equal(ra[key], rb[key]), key
+    for name in ("rms", "null", "inference"):  # per-pass values, null counts, per-unit statistics
+        ra, rb = read_tensors(a / f"{name}.safetensors"), read_tensors(b / f"{name}.safetensors")
+        assert ra.keys() == rb.keys(), name
+        for key in ra:
+            assert np.array_equal(ra[key], rb[key]), f"{name}.safetensors: {key}"
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["analyses"] == sb["analyses"]
+    assert (a / "units.csv").read_text() == (b / "units.csv").read_text()
+
+
+def _assert_null_split(run: Path, processes: int) -> None:
+    """Every contrast's null was split into one flip range per process, tiling its flips."""
+    nulls = json.loads((run / "manifest.json").read_text())["null"]
+    assert nulls
+    for key, record in nulls.items():
+        if processes == 1:
+            assert "split" not in record, key
+            continue
+        total = record["flips"]
+        want = [[total * r // processes, total * (r + 1) // processes] for r in range(processes)]
+        assert record["split"] == {"processes": processes, "flip_ranges": want}, key
+        assert all(b > a for a, b in want), key  # each process counted some flips
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +70,8 @@ def test_two_processes_give_the_same_run_as_one(one_process, tmp_path):
     _same_run(one_process, runs[0])
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["status"] == "complete" and "gather" in manifest["phases"]
+    _assert_null_split(runs[0], 2)
+    _assert_null_split(one_process, 1)
 
 
 def test_two_machines_on_loopback_give_the_same_run(one_process, tmp_path):
@@ -68,6 +89,7 @@ def test_two_machines_on_loopback_give_the_same_run(one_process, tmp_path):
     runs = _run_dirs(outs[0][0])
     assert len(runs) == 1 and not _run_dirs(outs[1][0])
     _same_run(one_process, runs[0])
+    _assert_null_split(runs[0], 2)
 
 
 def test_a_sweep_of_two_specs_writes_two_run_directories(one_process, tmp_path):

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,11 +36,16 @@ constexpr int64_t kMaxBins = int64_t(1) << 20;
 constexpr int kRBits = 28;                // r_fix = r * 2^28
 }  // namespace
 
+// Flips in the whole null: 2^(N-1) in exact mode, n_flips in random mode.
+int64_t signflip_total(c10::string_view mode, int64_t n_pairs, int64_t n_flips) {
+  return mode == "exact" ? (int64_t(1) << (n_pairs - 1)) : n_flips;
+}
+
 // Argument checks of signflip_null, run first by every backend; otherview/ops/signflip.py repeats
 // them word for word in its fake kernel and wrapper.
 void check_signflip_args(const at::Tensor& q, const at::Tensor& thr, const at::Tensor& a_obs,
                          const at::Tensor& kinv, c10::string_view mode, int64_t n_flips,
-                         int64_t n_max_bins) {
+                         int64_t n_max_bins, int64_t flip_start, std::optional<int64_t> flip_stop) {
   OV_CHECK_ARG(q.dim() == 2 && q.scalar_type() == at::kInt, "signflip_null",
                "q must be 2-d int32 [n_pairs, n_units], got ", dtype_name(q.scalar_type()), " ",
                shape_str(q.sizes()));
@@ -69,6 +75,11 @@ void check_signflip_args(const at::Tensor& q, const at::Tensor& thr, const at::T
   }
   OV_CHECK_ARG(n_max_bins >= 1 && n_max_bins <= kMaxBins, "signflip_null",
                "n_max_bins must be in [1, ", int_str(kMaxBins), "], got ", int_str(n_max_bins));
+  const int64_t total = signflip_total(mode, n, n_flips);
+  const int64_t stop = flip_stop.value_or(total);
+  OV_CHECK_ARG(0 <= flip_start && flip_start <= stop && stop <= total, "signflip_null",
+               "flip range [", int_str(flip_start), ", ", int_str(stop),
+               ") must satisfy 0 <= flip_start <= flip_stop <= ", int_str(total), ", the null's flips");
 }
 
 // r_obs[u] = (a_obs[u] * kinv[u]) >> 32 (int64, on the inputs' device).
@@ -234,8 +245,9 @@ void flush_chunk(const Prep& p, const Chunk& c, Partial& part, int64_t n_chunk) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cpu(
     const at::Tensor& q_in, const at::Tensor& thr_in, const at::Tensor& a_obs_in,
     const at::Tensor& kinv_in, c10::string_view mode, int64_t n_flips, int64_t seed,
-    int64_t n_max_bins) {
-  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins);
+    int64_t n_max_bins, int64_t flip_start, std::optional<int64_t> flip_stop) {
+  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins, flip_start,
+                      flip_stop);
   TORCH_CHECK(q_in.device().is_cpu(), "signflip_null_cpu: q must be a CPU tensor");
   const at::Tensor q = q_in.contiguous(), thr = thr_in.contiguous();
   const at::Tensor a_obs = a_obs_in.contiguous(), kinv = kinv_in.contiguous();
@@ -258,8 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_
     for (int64_t x = 0; x < p.u; ++x) s_obs[x] += p.q[i * p.u + x];
 
   const bool exact = mode == "exact";
-  const int64_t total = exact ? (int64_t(1) << (p.n - 1)) : n_flips;
-  const int64_t n_chunks = (total + kChunk - 1) / kChunk;
+  // Flips [begin, end) in chunks from begin: every flip is scored from its own index (exact: S of
+  // its Gray pattern, computed directly at each chunk's start), so any range counts exactly its
+  // flips and ranges tiling [0, total) add up to the whole null.
+  const int64_t begin = flip_start;
+  const int64_t end = flip_stop.value_or(signflip_total(mode, p.n, n_flips));
+  const int64_t n_chunks = (end - begin + kChunk - 1) / kChunk;
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
   // Small tiles keep S, |S| and the per-unit integers in L1 while a chunk walks its flips.
   const int64_t tile = std::min<int64_t>(p.u, 2048);
@@ -278,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_
       c.ex.resize(tile);
       // Contiguous chunk ranges per task; the result does not depend on the split.
       for (int64_t ch = n_chunks * t / n_tasks; ch < n_chunks * (t + 1) / n_tasks; ++ch) {
-        const int64_t f0 = ch * kChunk, f1 = std::min(total, f0 + kChunk);
+        const int64_t f0 = begin + ch * kChunk, f1 = std::min(end, f0 + kChunk);
         std::fill(c.cnt.begin(), c.cnt.end(), 0);
         std::fill(c.mx.begin(), c.mx.end(), 0u);
         if (exact) {

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -31,9 +32,10 @@
 namespace otherview {
 
 // Shared with the CPU backend (csrc/cpu/signflip_null.cpp).
+int64_t signflip_total(c10::string_view mode, int64_t n_pairs, int64_t n_flips);
 void check_signflip_args(const at::Tensor& q, const at::Tensor& thr, const at::Tensor& a_obs,
                          const at::Tensor& kinv, c10::string_view mode, int64_t n_flips,
-                         int64_t n_max_bins);
+                         int64_t n_max_bins, int64_t flip_start, std::optional<int64_t> flip_stop);
 at::Tensor signflip_r_obs(const at::Tensor& a_obs, const at::Tensor& kinv);
 at::Tensor signflip_fwer_from_bins(const at::Tensor& fwer_bins, const at::Tensor& r_obs);
 
@@ -110,11 +112,13 @@ __device__ void flush_flips(const Units& p, const Outputs& o, const int32_t* cnt
   }
 }
 
-// Exact mode, N >= 6. Block b walks Gray steps [b*C, (b+1)*C) of pairs 4..N-1; each step is 8
-// flips (the signs of pairs 1..3). Local flip index f = 8 * step + leaf.
+// Exact mode, N >= 6. Block b walks Gray steps [s0 + b*C, s0 + (b+1)*C) of pairs 4..N-1; each step
+// is 8 flips (the signs of pairs 1..3). Local flip index f = 8 * step + leaf. Step j's 8 flips are
+// the CPU's Gray flips [8j, 8j + 8) (the Gray code of 8j + leaf is that of j above its 3 low bits),
+// in another order.
 template <int KM>
 __global__ void __launch_bounds__(kTreeThreads, 2)
-exact_tree_kernel(Units p, Outputs o, int steps_per_block) {
+exact_tree_kernel(Units p, Outputs o, int steps_per_block, int64_t step_begin) {
   extern __shared__ int32_t smem[];
   const int nf = steps_per_block * 8;
   int32_t* cnt = smem;                                   // [nf, KM]
@@ -122,7 +126,7 @@ exact_tree_kernel(Units p, Outputs o, int steps_per_block) {
   for (int i = threadIdx.x; i < nf * (KM + 1); i += blockDim.x) smem[i] = 0;
   __syncthreads();
   const int lane = threadIdx.x & 31;
-  const uint64_t step0 = (uint64_t)blockIdx.x * steps_per_block;
+  const uint64_t step0 = (uint64_t)step_begin + (uint64_t)blockIdx.x * steps_per_block;
   const uint64_t g0 = step0 ^ (step0 >> 1);
 
   for (int tile0 = 0; tile0 < p.upad; tile0 += kTreeTile) {
@@ -226,15 +230,16 @@ exact_tree_kernel(Units p, Outputs o, int steps_per_block) {
   flush_flips<KM>(p, o, cnt, mx, nf);
 }
 
-// Random mode (and exact mode for N <= 5): flip f0 + f of block chunk [f0, f0 + nf) per loop.
+// Random mode, exact mode for N <= 5, and exact flips outside the tree kernel's whole blocks: block
+// b takes flips [f_begin + b*F, f_begin + (b+1)*F) of [f_begin, f_end), by flip index.
 template <int KM>
 __global__ void __launch_bounds__(kExplicitThreads)
-explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exact, uint64_t key,
-                bool table) {
+explicit_kernel(Units p, Outputs o, int64_t f_begin, int64_t f_end, int flips_per_block, bool exact,
+                uint64_t key, bool table) {
   extern __shared__ int32_t smem[];
   const int nw = (p.n + 63) / 64;
-  const int64_t f_start = (int64_t)blockIdx.x * flips_per_block;
-  const int nf = (int)min((int64_t)flips_per_block, total - f_start);
+  const int64_t f_start = f_begin + (int64_t)blockIdx.x * flips_per_block;
+  const int nf = (int)min((int64_t)flips_per_block, f_end - f_start);
   int32_t* cnt = smem;                                               // [F, KM]
   uint32_t* mx = reinterpret_cast<uint32_t*>(cnt + flips_per_block * KM);  // [F]
   uint64_t* words = reinterpret_cast<uint64_t*>(mx + flips_per_block + (flips_per_block & 1));
@@ -243,7 +248,7 @@ explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exa
   for (int i = threadIdx.x; i < flips_per_block * nw; i += blockDim.x) {
     const uint64_t f = (uint64_t)(f_start + i / nw);
     const uint64_t w = (uint64_t)(i % nw);
-    // exact: pair i >= 1 negated when bit i-1 of the Gray code is set (N <= 5: one word).
+    // exact: pair i >= 1 negated when bit i-1 of the Gray code is set (N <= 40: one word).
     // Words past the chunk's last flip are 0 (the batches of 8 may read them).
     words[i] = i / nw >= nf ? 0ull
                : exact    ? ((f ^ (f >> 1)) << 1)
@@ -342,21 +347,9 @@ explicit_kernel(Units p, Outputs o, int64_t total, int flips_per_block, bool exa
 }
 
 template <int KM>
-void launch(const Units& p, const Outputs& o, bool exact, int64_t total, uint64_t key,
-            int n_sm, cudaStream_t stream) {
-  if (exact && p.n >= 6) {
-    const int64_t steps = int64_t(1) << (p.n - 4);
-    // Chunks of up to 512 steps (4096 flips), fewer when that would leave SMs idle.
-    int64_t c = KM <= 2 ? 512 : 256;
-    while (c > 4 && steps / c < 2 * n_sm) c >>= 1;
-    c = std::min(c, steps);
-    const size_t smem = (size_t)c * 8 * (KM + 1) * sizeof(int32_t);
-    auto kern = exact_tree_kernel<KM>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    kern<<<(unsigned)(steps / c), kTreeThreads, smem, stream>>>(p, o, (int)c);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
+void launch_explicit(const Units& p, const Outputs& o, bool exact, int64_t f_begin, int64_t f_end,
+                     uint64_t key, cudaStream_t stream) {
+  if (f_end <= f_begin) return;  // an empty range: a grid of 0 blocks is a launch error
   const bool table = p.n <= kTableMaxPairs;
   const int nw = (p.n + 63) / 64;
   const int groups = (p.n + kGroup - 1) / kGroup;
@@ -366,9 +359,39 @@ void launch(const Units& p, const Outputs& o, bool exact, int64_t total, uint64_
                       (table ? (size_t)groups * 16 * kExplicitThreads * 4 : 0);
   auto kern = explicit_kernel<KM>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  const int64_t blocks = (total + per_block - 1) / per_block;
-  kern<<<(unsigned)blocks, kExplicitThreads, smem, stream>>>(p, o, total, per_block, exact, key, table);
+  const int64_t blocks = (f_end - f_begin + per_block - 1) / per_block;
+  kern<<<(unsigned)blocks, kExplicitThreads, smem, stream>>>(p, o, f_begin, f_end, per_block, exact,
+                                                            key, table);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Flips [f_begin, f_end). Exact mode, N >= 6: the tree kernel takes whole blocks of C steps (8
+// flips each) from the first whole step on; the few flips before and after them (fewer than
+// 8 * C + 8) go to the explicit kernel. The whole range is whole blocks: one tree launch, as before.
+template <int KM>
+void launch(const Units& p, const Outputs& o, bool exact, int64_t f_begin, int64_t f_end,
+            uint64_t key, int n_sm, cudaStream_t stream) {
+  if (exact && p.n >= 6) {
+    const int64_t s_begin = (f_begin + 7) / 8;
+    const int64_t steps = std::max<int64_t>(0, f_end / 8 - s_begin);
+    // Chunks of up to 512 steps (4096 flips), fewer when that would leave SMs idle.
+    int64_t c = KM <= 2 ? 512 : 256;
+    while (c > 4 && steps / c < 2 * n_sm) c >>= 1;
+    const int64_t blocks = steps / c;
+    if (blocks == 0) {
+      launch_explicit<KM>(p, o, exact, f_begin, f_end, key, stream);
+      return;
+    }
+    const size_t smem = (size_t)c * 8 * (KM + 1) * sizeof(int32_t);
+    auto kern = exact_tree_kernel<KM>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kern<<<(unsigned)blocks, kTreeThreads, smem, stream>>>(p, o, (int)c, s_begin);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_explicit<KM>(p, o, exact, f_begin, 8 * s_begin, key, stream);
+    launch_explicit<KM>(p, o, exact, 8 * (s_begin + blocks * c), f_end, key, stream);
+    return;
+  }
+  launch_explicit<KM>(p, o, exact, f_begin, f_end, key, stream);
 }
 
 }  // namespace
@@ -376,8 +399,9 @@ void launch(const Units& p, const Outputs& o, bool exact, int64_t total, uint64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_null_cuda(
     const at::Tensor& q_in, const at::Tensor& thr_in, const at::Tensor& a_obs_in,
     const at::Tensor& kinv_in, c10::string_view mode, int64_t n_flips, int64_t seed,
-    int64_t n_max_bins) {
-  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins);
+    int64_t n_max_bins, int64_t flip_start, std::optional<int64_t> flip_stop) {
+  check_signflip_args(q_in, thr_in, a_obs_in, kinv_in, mode, n_flips, n_max_bins, flip_start,
+                      flip_stop);
   TORCH_CHECK(q_in.is_cuda(), "signflip_null_cuda: q must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -402,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_
   at::Tensor bins_lo = at::zeros({u + 1}, i64);
   at::Tensor max_hist = at::zeros({n_max_bins}, i64);
   const bool exact = mode == "exact";
-  const int64_t total = exact ? (int64_t(1) << (n - 1)) : n_flips;
+  const int64_t f_end = flip_stop.value_or(signflip_total(mode, n, n_flips));
   const uint64_t key = [&] {  // mix64(seed) on the host, as the CPU op does
     uint64_t z = (uint64_t)seed + 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -429,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> signflip_
               reinterpret_cast<unsigned long long*>(max_hist.data_ptr<int64_t>()),
               (int)std::max<int64_t>(kg, 0), k0 == 0};
     switch (km) {
-      case 1: launch<1>(p, o, exact, total, key, n_sm, stream); break;
-      case 2: launch<2>(p, o, exact, total, key, n_sm, stream); break;
-      default: launch<4>(p, o, exact, total, key, n_sm, stream); break;
+      case 1: launch<1>(p, o, exact, flip_start, f_end, key, n_sm, stream); break;
+      case 2: launch<2>(p, o, exact, flip_start, f_end, key, n_sm, stream); break;
+      default: launch<4>(p, o, exact, flip_start, f_end, key, n_sm, stream); break;
     }
   }
   return {count_hist, exceed, signflip_fwer_from_bins(bins_hi, r_obs),

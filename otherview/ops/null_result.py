@@ -44,6 +44,10 @@ class NullResult(NamedTuple):
         The level the step-down passes were run at.
     step_down_passes : int
         Passes over the flips the step-down used (1 = none beyond the single-step one).
+    flip_ranges : tuple of (int, int)
+        The flip ranges ``[start, stop)`` counted: () for the whole null counted in one piece; one
+        range for a part (``signflip_null(..., flip_range=...)``, whose counts cover that range only);
+        one per process, in rank order, for a null split across processes (whole-null counts).
     """
 
     count_hist: torch.Tensor
@@ -60,6 +64,7 @@ class NullResult(NamedTuple):
     step_down_exceed: torch.Tensor | None = None
     step_down_alpha: float | None = None
     step_down_passes: int = 1
+    flip_ranges: tuple = ()
 
     @property
     def min_p(self) -> float:

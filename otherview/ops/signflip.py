@@ -32,11 +32,18 @@ and its negation give the same |t|), in Gray-code order so that each step change
 ``"random"`` draws ``n_flips`` patterns, flip 0 being the identity, from a counter-based generator
 keyed by ``(seed, flip, pair)`` (:func:`random_signs`), so the result does not depend on the
 launch configuration, the number of threads or which units are passed (what step-down relies on).
+
+Splitting. Every output is a count over flips, so a null can be cut into flip ranges: ``flip_range
+= (start, stop)`` counts only flips ``start <= f < stop`` of the indexing above (exact: the Gray
+index, flip 0 the identity; random: the generator's counter), and the counts of ranges tiling
+``[0, n_flips)`` add up to the whole null's, bitwise. :class:`FlipSplit` does this across processes
+(``otherview.distributed``): each process counts its share and the counts are summed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +56,7 @@ __all__ = [
     "EXACT_MAX_PAIRS",
     "MAX_PAIRS",
     "UNIT_FLIP_BUDGET",
+    "FlipSplit",
     "NullResult",
     "Prepared",
     "auto_mode",
@@ -131,7 +139,30 @@ def exact_signs(n: int, flip_indices) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _check_args(d, thresholds, mode, n_flips, n_max_bins) -> None:
+class FlipSplit(NamedTuple):
+    """One null's flips shared among ``world`` processes: process ``rank`` counts its range.
+
+    ``sum`` takes an int64 tensor and returns the elementwise sum of every process's tensor, on
+    every process (an all-reduce). Integer sums are exact in any order, so a split null is bitwise
+    the one-process null; every process gets the same counts, so every process takes the same
+    step-down decisions (each step-down pass is split alike).
+    """
+
+    rank: int
+    world: int
+    sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def ranges(self, total: int) -> tuple[tuple[int, int], ...]:
+        """Return every process's flip range ``(start, stop)``, in rank order: near-equal shares of ``total``."""
+        return tuple((total * r // self.world, total * (r + 1) // self.world) for r in range(self.world))
+
+
+def _total_flips(mode: str, n_pairs: int, n_flips: int) -> int:
+    """Return the flips of the whole null: ``2^(n_pairs-1)`` in exact mode, ``n_flips`` in random mode."""
+    return 1 << (n_pairs - 1) if mode == "exact" else int(n_flips)
+
+
+def _check_args(d, thresholds, mode, n_flips, n_max_bins, flip_range=None) -> None:
     """Raise the checks of :func:`signflip_null` on ``d`` and the settings (ValueError / TypeError)."""
 
     def fail(exc: type[Exception], msg: str) -> None:
@@ -146,10 +177,10 @@ def _check_args(d, thresholds, mode, n_flips, n_max_bins) -> None:
         fail(ValueError, f"d must have 1 to {MAX_PAIRS} pairs (rows), got {n}")
     if d.shape[1] < 1:
         fail(ValueError, f"d must have at least one unit (column), got {d.shape[1]}")
-    _check_settings(n, thresholds, mode, n_flips, n_max_bins)
+    _check_settings(n, thresholds, mode, n_flips, n_max_bins, flip_range)
 
 
-def _check_settings(n, thresholds, mode, n_flips, n_max_bins) -> None:
+def _check_settings(n, thresholds, mode, n_flips, n_max_bins, flip_range=None) -> None:
     """The checks the C++ ``check_signflip_args`` repeats word for word (same class and text)."""
 
     def fail(msg: str) -> None:
@@ -167,6 +198,18 @@ def _check_settings(n, thresholds, mode, n_flips, n_max_bins) -> None:
             fail(f"thresholds must be finite and >= 0, got thresholds[{k}] = {c}")
     if not 1 <= n_max_bins <= _MAX_BINS:
         fail(f"n_max_bins must be in [1, {_MAX_BINS}], got {n_max_bins}")
+    total = _total_flips(mode, n, n_flips)
+    start, stop = _range(flip_range, total)
+    if not 0 <= start <= stop <= total:
+        fail(f"flip range [{start}, {stop}) must satisfy 0 <= flip_start <= flip_stop <= {total}, the null's flips")
+
+
+def _range(flip_range, total: int) -> tuple[int, int]:
+    """Return ``flip_range`` as ints ``(start, stop)``; None is the whole null, a stop of None its end."""
+    if flip_range is None:
+        return 0, total
+    start, stop = flip_range
+    return int(start), total if stop is None else int(stop)
 
 
 def _fwer_from_max(flip_max: torch.Tensor, r_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,25 +219,25 @@ def _fwer_from_max(flip_max: torch.Tensor, r_obs: torch.Tensor) -> tuple[torch.T
     with ``max >= r_obs + 2`` (certainly reaches it), the true r * 2^28 being in [r_fix, r_fix + 1.25).
     """
     srt = torch.sort(flip_max).values
-    total = srt.numel()
+    total = srt.numel()  # flips counted here: counts of disjoint sets of flips add
     hi = total - torch.searchsorted(srt, r_obs - 1, side="left")
     lo = total - torch.searchsorted(srt, r_obs + 2, side="left")
     return hi, lo
 
 
-def _null_ref(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, chunk: int):
-    """Return the op's five tensors from prepared integers, in plain PyTorch (the specification)."""
+def _null_ref(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, chunk: int,
+              start: int, stop: int):
+    """Return the op's five tensors over flips [start, stop) from prepared integers, in plain PyTorch."""
     n, u = p.q.shape
     k_count = p.thr.shape[0]
-    total = 1 << (n - 1) if mode == "exact" else int(n_flips)
     qf = p.q.to(device, torch.float64)
     thr, a_obs, kinv = p.thr.to(device).long(), p.a_obs.to(device).long(), p.kinv.to(device)
     count_hist = torch.zeros(k_count, u + 1, dtype=torch.long, device=device)
     exceed = torch.zeros(u, dtype=torch.long, device=device)
     max_hist = torch.zeros(n_max_bins, dtype=torch.long, device=device)
-    flip_max = []
-    for f0 in range(0, total, chunk):
-        idx = np.arange(f0, min(total, f0 + chunk))
+    flip_max = [torch.zeros(0, dtype=torch.long, device=device)]
+    for f0 in range(start, stop, chunk):
+        idx = np.arange(f0, min(stop, f0 + chunk))
         signs = exact_signs(n, idx) if mode == "exact" else random_signs(seed, idx, n)
         a = (signs.to(device, torch.float64) @ qf).long().abs()  # [P, U], exact: |S| < 2^30
         exceed += (a >= a_obs).sum(0)
@@ -208,20 +251,39 @@ def _null_ref(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, 
     return count_hist, exceed, hi, lo, max_hist
 
 
-def _result(out, p: Prepared, mode: str, n_flips: int, thresholds) -> NullResult:
+def _result(out, p: Prepared, mode: str, n_flips: int, thresholds, flip_ranges=()) -> NullResult:
     count_hist, exceed, hi, lo, max_hist = (t.cpu() for t in out)
     n = p.q.shape[0]
-    total = 1 << (n - 1) if mode == "exact" else int(n_flips)
-    return NullResult(count_hist, exceed, hi, max_hist, total, mode, n, tuple(thresholds), lo,
-                      p.observed_count, p.exact_units)
+    return NullResult(count_hist, exceed, hi, max_hist, _total_flips(mode, n, n_flips), mode, n, tuple(thresholds), lo,
+                      p.observed_count, p.exact_units, flip_ranges=tuple(flip_ranges))
 
 
-def _run(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, use_op: bool):
+def _flip_ranges(p: Prepared, mode: str, n_flips: int, flip_range, split: FlipSplit | None) -> tuple:
+    """Return the NullResult's ``flip_ranges``: () for the whole null in one process."""
+    total = _total_flips(mode, p.q.shape[0], n_flips)
+    if split is not None:
+        return split.ranges(total)
+    return () if flip_range is None else (_range(flip_range, total),)
+
+
+def _run(p: Prepared, mode: str, n_flips: int, seed: int, n_max_bins: int, device, use_op: bool,
+         flip_range=None, split: FlipSplit | None = None, chunk: int = 8192):
+    """Return the op's five tensors: over ``flip_range``, or this process's share summed over ``split``."""
+    total = _total_flips(mode, p.q.shape[0], n_flips)
+    start, stop = split.ranges(total)[split.rank] if split is not None else _range(flip_range, total)
     if use_op:
         dev = torch.device(device)
-        return torch.ops.otherview.signflip_null(p.q.to(dev), p.thr.to(dev), p.a_obs.to(dev), p.kinv.to(dev),
-                                                 mode, int(n_flips), int(seed), int(n_max_bins))
-    return _null_ref(p, mode, n_flips, seed, n_max_bins, torch.device(device), 8192)
+        out = torch.ops.otherview.signflip_null(p.q.to(dev), p.thr.to(dev), p.a_obs.to(dev), p.kinv.to(dev),
+                                                mode, int(n_flips), int(seed), int(n_max_bins), start, stop)
+    else:
+        out = _null_ref(p, mode, n_flips, seed, n_max_bins, torch.device(device), chunk, start, stop)
+    return out if split is None else _sum_counts(out, split)
+
+
+def _sum_counts(out, split: FlipSplit) -> tuple:
+    """Return the five count tensors summed over the processes of ``split`` (one all-reduce)."""
+    flat = split.sum(torch.cat([t.reshape(-1) for t in out]))
+    return tuple(x.view(t.shape) for x, t in zip(flat.split([t.numel() for t in out]), out))
 
 
 def signflip_null_ref(
@@ -233,6 +295,8 @@ def signflip_null_ref(
     n_max_bins: int = 4096,
     *,
     chunk: int = 8192,
+    flip_range: tuple[int, int | None] | None = None,
+    split: FlipSplit | None = None,
 ) -> NullResult:
     """Return the sign-flip null in plain PyTorch: the specification of the compiled op.
 
@@ -240,12 +304,21 @@ def signflip_null_ref(
     every flipped sum ``S`` (float64 matmul, exact since ``|S| < 2^30``), then the integer
     comparisons of the module docstring. Arguments and result are those of :func:`signflip_null`.
     """
+    return _null(d, thresholds, mode, n_flips, seed, n_max_bins, flip_range, split, False, chunk)
+
+
+def _null(d, thresholds, mode, n_flips, seed, n_max_bins, flip_range, split, use_op: bool | None,
+          chunk: int = 8192) -> NullResult:
+    """The body of :func:`signflip_null` (``use_op`` None: the op where built) and of the reference."""
     thresholds = [float(c) for c in thresholds]
-    _check_args(d, thresholds, mode, n_flips, n_max_bins)
+    _check_args(d, thresholds, mode, n_flips, n_max_bins, flip_range)
+    if flip_range is not None and split is not None:
+        raise ValueError(f"{_OP}: give flip_range or split, not both")
     _check_finite(d)
     p = prepare(d, thresholds)
-    out = _null_ref(p, mode, n_flips, seed, n_max_bins, d.device, chunk)
-    return _result(out, p, mode, n_flips, thresholds)
+    use_op = ops.has_kernel(_OP, d.device) if use_op is None else use_op
+    out = _run(p, mode, n_flips, seed, n_max_bins, d.device, use_op, flip_range, split, chunk)
+    return _result(out, p, mode, n_flips, thresholds, _flip_ranges(p, mode, n_flips, flip_range, split))
 
 
 def _check_finite(d: torch.Tensor) -> None:
@@ -260,6 +333,9 @@ def signflip_null(
     n_flips: int = 0,
     seed: int = 0,
     n_max_bins: int = 4096,
+    *,
+    flip_range: tuple[int, int | None] | None = None,
+    split: FlipSplit | None = None,
 ) -> NullResult:
     """Return the sign-flip null of the paired t of every unit of ``d``.
 
@@ -278,6 +354,13 @@ def signflip_null(
         Random mode's flip count (>= 1) and generator key.
     n_max_bins : int
         Bins of ``max_hist`` over ``r`` in [0, 1], 1 to 2^20.
+    flip_range : (int, int or None), optional
+        Count only flips ``start <= f < stop`` (stop None: to the last); default all. The result's
+        counts are then those of the range (``n_flips`` stays the whole null's, ``flip_ranges``
+        says which were counted); ranges tiling ``[0, n_flips)`` add up to the whole null.
+    split : FlipSplit, optional
+        Share the flips among processes (every process calls this with the same ``d``); each counts
+        its range and every process gets the summed, whole-null counts.
 
     Returns
     -------
@@ -286,12 +369,7 @@ def signflip_null(
         (CPU or CUDA, by ``d``'s device) runs where it was built, else :func:`signflip_null_ref`;
         both give identical integers.
     """
-    thresholds = [float(c) for c in thresholds]
-    _check_args(d, thresholds, mode, n_flips, n_max_bins)
-    _check_finite(d)
-    p = prepare(d, thresholds)
-    use_op = ops.has_kernel(_OP, d.device)
-    return _result(_run(p, mode, n_flips, seed, n_max_bins, d.device, use_op), p, mode, n_flips, thresholds)
+    return _null(d, thresholds, mode, n_flips, seed, n_max_bins, flip_range, split, None)
 
 
 def step_down(
@@ -301,6 +379,7 @@ def step_down(
     seed: int = 0,
     max_passes: int = 8,
     use_op: bool | None = None,
+    split: FlipSplit | None = None,
 ) -> NullResult:
     """Return ``result`` with step-down (Westfall & Young 1993) family-wise counts added.
 
@@ -329,9 +408,14 @@ def step_down(
         The seed ``result`` used (random mode).
     max_passes : int
         Passes over the flips in all, the first (``result``'s) included.
+    split : FlipSplit, optional
+        Share each pass's flips among processes, as :func:`signflip_null` does (every process calls
+        this with the same arguments and gets the same result).
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if len(result.flip_ranges) == 1 and result.flip_ranges[0] != (0, result.n_flips):
+        raise ValueError(f"step_down needs the whole null, got the counts of flips {list(result.flip_ranges[0])} only")
     p = prepare(d, [])
     if use_op is None:
         use_op = ops.has_kernel(_OP, d.device)
@@ -350,7 +434,7 @@ def step_down(
             break
         idx = np.flatnonzero(remaining)
         out = _run(p.columns(idx), result.mode, result.n_flips if result.mode == "random" else 0,
-                   seed, 1, d.device, use_op)
+                   seed, 1, d.device, use_op, split=split)
         counts[torch.from_numpy(idx)] = out[2].cpu()
         passes += 1
     order = torch.argsort(r_fix(p.a_obs, p.kinv), descending=True, stable=True)
@@ -362,9 +446,9 @@ def step_down(
 if ops.compiled_available():
 
     @torch.library.register_fake("otherview::signflip_null")
-    def _signflip_null_fake(q, thr, a_obs, kinv, mode, n_flips, seed, n_max_bins):
+    def _signflip_null_fake(q, thr, a_obs, kinv, mode, n_flips, seed, n_max_bins, flip_start=0, flip_stop=None):
         _check_prepared(q, thr, a_obs, kinv)
-        _check_settings(q.shape[0], [], mode, n_flips, n_max_bins)
+        _check_settings(q.shape[0], [], mode, n_flips, n_max_bins, (flip_start, flip_stop))
         u = q.shape[1]
         i64 = torch.long
         return (

@@ -18,9 +18,11 @@ Whole processes (``--processes``), as a user runs them: the naive script
 (``benchmarks/naive_plantain.py``) and ``python -m otherview exec``, each a fresh subprocess, with
 otherview's compile cache first empty (a fresh ``$OTHERVIEW_CACHE``), then warm (the same folder
 again). Each row has the process's wall time, its weight build/load time (reported apart), the
-manifest's phases, the time before the run directory exists (startup), after the report line
-(teardown) and outside every phase, and the compile decision. ``--variants`` picks the runs, e.g.
-``naive,cold:auto,cold:on,warm:auto,warm:off``.
+manifest's phases, the time before the run directory exists (startup), before the first weight is
+drawn or read (``first_weight_s``: process start to the end of the model code's imports inside
+``load_model``, from the manifest's ``model.load_clock``; ``load_started_s`` is the phase's start),
+after the report line (teardown) and outside every phase, and the compile decision. ``--variants``
+picks the runs, e.g. ``naive,cold:auto,cold:on,warm:auto,warm:off``.
 """
 
 from __future__ import annotations
@@ -140,8 +142,10 @@ def _exec_row(base: dict, variant: str, wall: float, rc: int, stdout: str, stder
     phases = manifest["phases"]
     load = phases.get("load_model", 0.0)
     report_at = first("report:")
+    clock = manifest["model"].get("load_clock") or {}  # seconds since the process started
     row.update(phases=phases, load_s=load, wall_minus_load_s=round(wall - load, 2),
                startup_s=first("run directory"), before_load_s=first("loading"),
+               load_started_s=clock.get("started_s"), first_weight_s=clock.get("weights_started_s"),
                after_report_s=round(wall - report_at, 2) if report_at is not None else None,
                outside_phases_s=round(wall - sum(phases.values()), 2),
                compile=manifest.get("runtime", {}).get("compile_decision"), null=manifest.get("null"),
@@ -225,7 +229,8 @@ def processes(args) -> None:
         emit({**base, **_time_null(done[-1]["run_dir"], spec, device)})
     naive = next((r for r in rows if r["provider"] == "naive script" and r.get("wall_minus_load_s")), None)
     print(f"\n{base['device']}, torch {base['torch']}, {args.model}: whole processes (load excluded)")
-    print(f"{'run':<22} {'wall':>7} {'load':>6} {'-load':>7} {'start':>6} {'exit':>6} {'outside':>8}  vs naive  compile")
+    print(f"{'run':<22} {'wall':>7} {'load':>6} {'-load':>7} {'start':>6} {'weight':>6} {'exit':>6} {'outside':>8}  "
+          "vs naive  compile")
     for r in rows:
         if "wall_s" not in r:
             continue
@@ -233,7 +238,8 @@ def processes(args) -> None:
         fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         dec = r.get("compile") or {}
         print(f"{r['provider'][:9] + ' ' + r['variant']:<22} {fmt(r['wall_s']):>7} {fmt(r.get('load_s')):>6} "
-              f"{fmt(r.get('wall_minus_load_s')):>7} {fmt(r.get('startup_s')):>6} {fmt(r.get('after_report_s')):>6} "
+              f"{fmt(r.get('wall_minus_load_s')):>7} {fmt(r.get('startup_s')):>6} {fmt(r.get('first_weight_s')):>6} "
+              f"{fmt(r.get('after_report_s')):>6} "
               f"{fmt(r.get('outside_phases_s')):>8}  {ratio:>8}  {dec.get('compile', '')} {dec.get('compile_seconds', '')}")
     for r in rows:
         if "phase" in r:

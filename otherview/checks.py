@@ -21,6 +21,10 @@ from .errors import EXIT_UNAVAILABLE, EXIT_USER, Unavailable, UserError
 MAX_NULL_SECONDS = 3600.0
 #: Backends that run on the CPU; every other diffusers backend needs CUDA (flash, sage, xformers...).
 CPU_ATTENTION_BACKENDS = {"default", "native", "_native_math", "flex"}
+#: torch.compile backends torch itself always registers: naming one is checked without importing
+#: torch._dynamo, whose ``list_backends`` imports every backend module to list them (1-3 s; AOTAutograd
+#: among them). A test keeps this a subset of ``list_backends``.
+TORCH_COMPILE_BACKENDS = ("inductor", "eager", "aot_eager")
 
 Problem = tuple[str, str, int]
 
@@ -112,13 +116,19 @@ def runtime_problems(spec, device: torch.device) -> list[Problem]:
         if device.type != "cuda" and rt.attention_backend not in CPU_ATTENTION_BACKENDS:
             problems.append(("runtime.attention_backend", f"'{rt.attention_backend}' needs a CUDA device; this run is "
                              f"on {device.type}: use 'default'", EXIT_USER))
+    if rt.compile_backend not in TORCH_COMPILE_BACKENDS:
+        problems += _compile_backend_problems(rt.compile_backend)
+    return problems
+
+
+def _compile_backend_problems(name: str) -> list[Problem]:
     import torch._dynamo
 
     known = torch._dynamo.list_backends(exclude_tags=())
-    if rt.compile_backend not in known:
-        problems.append(("runtime.compile_backend", f"unknown torch.compile backend '{rt.compile_backend}' (known: "
-                         f"{', '.join(b for b in known if 'TESTING' not in b)})", EXIT_USER))
-    return problems
+    if name in known:
+        return []
+    return [("runtime.compile_backend", f"unknown torch.compile backend '{name}' (known: "
+             f"{', '.join(b for b in known if 'TESTING' not in b)})", EXIT_USER)]
 
 
 def with_text_encoder_layers(spec, arch):

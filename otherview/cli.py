@@ -25,21 +25,6 @@ EXIT_UNAVAILABLE = errors.EXIT_UNAVAILABLE
 _LEAVE_FAST = False  # set by ``run`` (the console script and ``python -m otherview``), never by tests
 
 
-def process_seconds() -> float:
-    """Return the seconds since this process started (from /proc where there is one, else since import)."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
-
-
 def run() -> None:
     """Console entry point: run the command line, then leave at once once the results are written.
 
@@ -123,10 +108,10 @@ SET_OPTION = click.option("--set", "sets", multiple=True, metavar="PATH=VALUE",
 
 def _memory_setting(ctx, param, value):
     """Check ``--memory`` as the spec's ``runtime.memory`` is checked."""
-    from .memory import parse_size
-
     if value is None:
         return None
+    from .memory import parse_size  # imports torch: only for a value to check
+
     try:
         parse_size(value)
     except ValueError as exc:
@@ -240,6 +225,7 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
     from .checks import preflight
     from .interpreter import execute, resume
     from .spec import with_overrides
+    from .store import process_seconds
 
     start = time.perf_counter() - process_seconds()  # the clock starts with the process, imports included
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -273,18 +259,18 @@ def exec_(spec_paths: tuple[str, ...], model_override: str | None, out_dir: str 
         spec = with_overrides(spec, {"runtime.compile": compile_, "probe.batch_size": batch_size,
                                      "runtime.attention_backend": attention_backend, "runtime.memory": memory})
         try:
-            preflight(spec, spec_path, model_override, out_dir)
+            _, plan_ = preflight(spec, spec_path, model_override, out_dir)
         except Exception as exc:
             exc.spec_path = spec_path  # the file its message names
             raise
-        specs.append((spec_path, spec, raw))
+        specs.append((spec_path, spec, raw, plan_))
     if processes > 1:
         sys.exit(_launch(processes, sys.argv[sys.argv.index("exec") + 1:] if "exec" in sys.argv else []))
     models: dict = {}
-    for spec_path, spec, raw in specs:
-        try:
+    for spec_path, spec, raw, plan_ in specs:
+        try:  # each spec's plan is the one just checked: not checked twice
             run_dir = execute(spec, raw, spec_path, model_override=model_override, out_dir=out_dir, progress=progress,
-                              models=models, overrides=list(sets))
+                              models=models, overrides=list(sets), plan=plan_)
         except Exception as exc:
             exc.spec_path = spec_path
             raise

@@ -406,7 +406,7 @@ def pass_rows(plan: Plan) -> list[dict]:
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
             out_dir: str | None = None, progress: Progress | None = None,
             loaded: model_mod.LoadedModel | None = None, workers=None, models: dict | None = None,
-            overrides: list[str] | None = None) -> Path:
+            overrides: list[str] | None = None, plan: Plan | None = None) -> Path:
     """Run ``spec`` end to end and return its run directory.
 
     Every check that needs no weights runs first (``checks.preflight``: all problems in one error).
@@ -417,11 +417,13 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
     model: forking is then cheap). Under ``accelerate launch`` every process calls this: the probe
     batches are shared and only the main process writes (see ``otherview.distributed``).
     ``overrides`` are the ``--set`` assignments already applied to ``spec``, recorded in the manifest.
+    ``plan`` is what ``checks.preflight(spec, spec_path, model_override, out_dir)`` just returned, where
+    the caller has it (the CLI checks every spec before any weights): it is used, not made again.
     """
     ctx = distributed.context(spec.model.device)
-    if ctx.world > 1:
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": str(ctx.device)})})
-    spec, plan = checks.preflight(spec, spec_path, model_override, out_dir)
+    if ctx.world > 1:  # this process's own device: checked again
+        spec, plan = spec.model_copy(update={"model": spec.model.model_copy(update={"device": str(ctx.device)})}), None
+    spec, plan = checks.preflight(spec, spec_path, model_override, out_dir) if plan is None else (plan.spec, plan)
     device = model_mod.resolve_device(spec.model.device)
     if loaded is None and models is not None:
         loaded = models.get(spec.model.source)

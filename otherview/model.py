@@ -230,12 +230,11 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.d
     the weights are drawn on ``device`` (the same random numbers as without ``park``) but never all
     held there at once.
     """
-    import diffusers
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     folder = _builtin_dir(name)
-    pipeline_class = getattr(diffusers, _read(folder / MARKER).get("pipeline", KLEIN_PIPELINE))
+    pipeline = import_pipeline(_read(folder / MARKER).get("pipeline", KLEIN_PIPELINE))
     device = torch.device(device)
     torch.manual_seed(seed)
     strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
@@ -252,8 +251,8 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: torch.d
     finally:
         torch.set_default_dtype(previous)
     scheduler = FlowMatchEulerDiscreteScheduler(**strip(_read(folder / "scheduler.json")))
-    pipe = pipeline_class(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                          tokenizer=byte_tokenizer(), transformer=transformer)
+    pipe = pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                    tokenizer=byte_tokenizer(), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -316,10 +315,14 @@ def load(source: str, dtype: str = "auto", device: str = "auto", placement: str 
     so a model is the same whatever its placement.
     """
     from . import memory, offload
+    from .store import process_seconds
 
+    started = process_seconds()
     arch = architecture(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    import_pipeline(arch.pipeline_class)  # diffusers, transformers and the model code: seconds of imports
+    weights = process_seconds()  # from here on the weights are drawn or read
     memory.apply_process_cap(dev if dev.type == "cuda" else None)
     resident = placement == "resident" or dev.type != "cuda"
     on_cpu = {"transformer": "cpu", "vae": "cpu"} if placement == "model-offload" else \
@@ -339,7 +342,20 @@ def load(source: str, dtype: str = "auto", device: str = "auto", placement: str 
                                                                ("vae", pipe.vae))}}
     loaded = LoadedModel(pipe=pipe, arch=arch, device=dev, dtype=dt, info=info)
     offload.place(loaded, placement, "encode")
+    # Seconds since the process started (imports included): the load began, its weights began, it ended.
+    info["load_clock"] = {"started_s": round(started, 2), "weights_started_s": round(weights, 2),
+                          "done_s": round(process_seconds(), 2)}
     return loaded
+
+
+def import_pipeline(name: str):
+    """Return the diffusers pipeline class ``name`` (``Flux2KleinPipeline``...), importing its code now.
+
+    Importing it imports diffusers (with torch._dynamo), transformers' Qwen3 and the FLUX.2 models.
+    """
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | None = None,
@@ -352,8 +368,6 @@ def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | Non
     cleared afterwards: everything is on one device, so the pipeline's own ``.to`` stays usable.
     The KV variant needs ``Flux2KleinKVPipeline``: it installs the KV attention processors.
     """
-    import diffusers
-
     kwargs = {}
     if device is not None and device.type == "cuda" and device.index in (None, torch.cuda.current_device()):
         try:
@@ -363,7 +377,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, device: torch.device | Non
         except ImportError:
             log.info("accelerate is not installed: loading on the host, then moving to %s", device)
     try:
-        pipe = getattr(diffusers, pipeline_class).from_pretrained(source, dtype=dtype, **kwargs)
+        pipe = import_pipeline(pipeline_class).from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).expanduser().is_dir():
             raise ModelUnavailable(f"could not load the pipeline in '{source}': {exc}") from None
@@ -387,10 +401,12 @@ def compile_transformer(loaded: LoadedModel, backend: str = "inductor") -> None:
 
 def check_attention_backend(name: str) -> None:
     """Raise ``ModelSettingError`` unless ``name`` is "default" or a diffusers attention backend."""
+    if name == "default":
+        return  # nothing to look up: importing diffusers (and torch._dynamo with it) takes seconds
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     known = [b.value for b in AttentionBackendName]
-    if name != "default" and name not in known:
+    if name not in known:
         raise ModelSettingError(f"runtime.attention_backend: unknown backend '{name}' (known: {', '.join(known)})")
 
 

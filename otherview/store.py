@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,24 @@ def process_alive(proc: dict[str, Any] | None) -> bool | None:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def process_seconds() -> float:
+    """Return the seconds since this process started (from /proc where there is one, else since this import).
+
+    The clock of ``exec``'s progress lines and of the manifest's ``model.load_clock``: imports included.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
 
 
 # --- what produced a run, and whether its files are still what it wrote --------------------------------

@@ -66,3 +66,12 @@ def test_off_and_cpu_never_compile(monkeypatch, tmp_path):
     cpu = compiling.decide("auto", torch.device("cpu"), KLEIN_4B, 20, 8704, 10**6, LAYOUT)
     assert not cpu.compile and "cpu" in cpu.reason
     assert compiling.decide("on", torch.device("cpu"), KLEIN_4B, 2, 8704, 1, LAYOUT).compile
+
+
+def test_backends_checked_without_dynamo_are_torchs_own():
+    """checks names these backends known without listing torch's (which imports every backend module)."""
+    import torch._dynamo
+
+    from otherview.checks import TORCH_COMPILE_BACKENDS
+
+    assert set(TORCH_COMPILE_BACKENDS) <= set(torch._dynamo.list_backends(exclude_tags=()))

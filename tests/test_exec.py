@@ -82,6 +82,19 @@ def test_same_spec_same_numbers(runner, small_run, tmp_path):
     assert np.array_equal(a["rms"], b["rms"])
 
 
+def test_exec_checks_each_spec_once_and_clocks_the_load(runner, monkeypatch, tmp_path):
+    """The CLI's pre-weights checks are not made again by the run; the manifest says when the weights began."""
+    from otherview import checks
+
+    calls = []
+    real = checks.preflight
+    monkeypatch.setattr(checks, "preflight", lambda *args, **kw: calls.append(args[1]) or real(*args, **kw))
+    run = _exec(runner, SPECS / "pass" / "small.toml", tmp_path)
+    assert calls == [str(SPECS / "pass" / "small.toml")]
+    clock = json.loads((run / "manifest.json").read_text())["model"]["load_clock"]  # seconds since process start
+    assert 0 < clock["started_s"] <= clock["weights_started_s"] <= clock["done_s"]
+
+
 def test_from_pretrained_local_folder(runner, tiny_folder, small_run, tmp_path):
     """The real loading path: a pipeline saved with save_pretrained, loaded by from_pretrained."""
     run = _exec(runner, SPECS / "pass" / "small.toml", tmp_path, "--model", str(tiny_folder))

@@ -1,6 +1,8 @@
 """The JSON Schema as the contract (agreement with validate), --set, paths, and the new/sites/validate commands."""
 
 import copy
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -215,6 +217,17 @@ def test_exec_passes_set_to_the_run_and_its_manifest(runner, monkeypatch, tmp_pa
     assert result.exit_code == 0, result.output
     assert seen["overrides"] == ["null.flips=999", "probe.seed=[1, 2]"]
     assert seen["spec"].null.flips == 999 and seen["spec"].probe.seed == [1, 2]
+
+
+def test_validate_and_plan_import_neither_diffusers_nor_dynamo():
+    """The default attention and compile backends are checked without importing them (seconds each)."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom otherview.cli import main\n"
+            f"for args in (['validate', {str(SMALL)!r}], ['plan', {str(SMALL)!r}]):\n"
+            "    result = CliRunner().invoke(main, args)\n    assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('diffusers', 'torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_validate_takes_several_files_and_reports_each(runner):

@@ -180,10 +180,12 @@ def test_a_killed_two_process_run_resumed_by_two_processes_is_the_uninterrupted_
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] in ("running", "interrupted") and manifest["resumed"][-1]["processes"] == 2
     assert not (run / "rms.safetensors").exists()
-    # Every batch is recorded (by four files of two attempts): the last resume needs no model.
-    out = _otherview("exec", "--resume", str(run))
+    # Every batch is recorded (by four files of two attempts): the last resume needs no model, and its two
+    # processes share only the statistics (each null's flips).
+    out = _otherview("exec", "--resume", str(run), "--processes", "2")
     assert "to run: none" in out.stderr and "loading" not in out.stderr and "probe batch " not in out.stderr
-    assert json.loads((run / "manifest.json").read_text())["processes"] == 1
+    assert json.loads((run / "manifest.json").read_text())["processes"] == 2
+    _assert_null_split(run, 2)
     _same_files(one_process_b2, run)
 
 

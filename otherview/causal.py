@@ -315,7 +315,7 @@ def run_causal(run_dir: str | Path, req: Request, progress: Progress | None = No
     """
     from . import causal_passes as passes_mod
     from . import memory
-    from .interpreter import auto_batch_size, prepare_probe_inputs
+    from .probes import auto_batch_size, prepare_probe_inputs
 
     say = progress or (lambda msg: log.info(msg))
     _check_request(req)

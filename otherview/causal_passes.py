@@ -22,7 +22,7 @@ import torch
 from . import compiling
 from . import intervention as iv_mod
 from .design import ProbePass
-from .interpreter import ProbeInputs
+from .probes import ProbeInputs
 from .plan import Plan
 
 
@@ -44,7 +44,7 @@ class Forward:
         buffers); ``hooks`` (objects with ``active``) are switched off for the unconditional one. With
         ``x0`` also the last step's clean-image estimate ``latents - sigma * v`` ``[rows, target, channels]``.
         """
-        from .interpreter import batch_inputs, probe_timesteps
+        from .probes import batch_inputs, probe_timesteps
 
         pipe, dev, plan, inp = self.loaded.pipe, self.loaded.device, self.plan, self.inputs
         transformer, spec = pipe.transformer, plan.spec

@@ -39,7 +39,7 @@ def raise_problems(problems: list[Problem], source: str) -> None:
 
 def resolve_images(spec, spec_path: str):
     """Return ``spec`` with its reference images resolved and checked, and the problems found."""
-    from .interpreter import resolve_images as resolve
+    from .probes import resolve_images as resolve
     from .plan import PlanError
 
     problems: list[Problem] = []
@@ -48,7 +48,7 @@ def resolve_images(spec, spec_path: str):
     except PlanError as exc:
         problems += [(p, m, EXIT_USER) for p, m in exc.problems]
     # One bad image hides the others in ``resolve``: check each on its own to name them all.
-    from .interpreter import resolve_image
+    from .probes import resolve_image
 
     ref = spec.reference
     images = [("reference.image", ref.image)] + [(f"reference.scenes[{k}].image", sc.image)

@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import causal_report
 from . import figures as figures_mod
 from . import store

@@ -95,10 +95,7 @@ def section(run_dir: str | Path, record: dict, arrays: dict, mark: str = "") -> 
              f"| random (median; 95th percentile) | {r['random_median_toward']:.3g}; {r['random_q95_toward']:.3g} | "
              f"{float(np.median(r['random_mean_moved'])):.3g} |", "",
              f"The selected set ranks {r['rank']} of {rs['count'] + 1} by mean toward: permutation p = "
-             f"{r['p_permutation']:.3g} (one-sided, (1 + #random ≥ selected) / (R + 1)). Across items its toward is "
-             f"{r['selected_mean_toward']:.3g} (t = {r['t_vs_zero']:.2f} against 0, p = {r['p_vs_zero']:.3g}) and exceeds "
-             f"the random sets' per-item mean by t = {r.get('t_vs_random', float('nan')):.2f} "
-             f"(paired, p = {r.get('p_vs_random', float('nan')):.3g}).", "",
+             f"{r['p_permutation']:.3g} (one-sided, (1 + #random ≥ selected) / (R + 1)). " + _across_items(r), "",
              "What this shows: whether changing these units' inputs moves the model's prediction for "
              f"{c['a']} towards {c['b']}'s more than changing as many units of the same sites and kinds chosen at random. "
              "What it does not show: that the units compute the difference alone or in this way elsewhere (other "
@@ -141,3 +138,18 @@ def update_report(run_dir: str | Path) -> Path:
     path = Path(run_dir) / "report.md"
     store.atomic_write_text(path, with_causal(run_dir, path.read_text()))
     return path
+
+
+def _t_phrase(t: float, p: float) -> str:
+    """Return "t = .., p = .." or, where the per-item values do not vary (t infinite or undefined), say so."""
+    if not np.isfinite(t):
+        return "no t: the per-item values do not vary"
+    return f"t = {t:.2f}, p = {p:.3g}"
+
+
+def _across_items(r: dict) -> str:
+    """Return the sentence on the per-item tests (against 0, and paired against the random sets' mean)."""
+    zero = _t_phrase(r["t_vs_zero"], r["p_vs_zero"])
+    rand = _t_phrase(r.get("t_vs_random", float("nan")), r.get("p_vs_random", float("nan")))
+    return (f"Across items its toward is {r['selected_mean_toward']:.3g} (one-sample against 0: {zero}); against the "
+            f"random sets' per-item mean (paired): {rand}.")

@@ -29,8 +29,25 @@ def _reference_sumsq_(x: torch.Tensor, unit_width: int, segments: list[int], out
     out += rms_ops.unit_sumsq_ref(x, unit_width, segments)
 
 
+class HookSet:
+    """Registered hooks (``handles``) removed together by ``detach`` or on leaving a ``with`` block."""
+
+    handles: list
+
+    def detach(self) -> None:
+        """Remove every hook this object registered (safe to call twice)."""
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
 @dataclass
-class Capture:
+class Capture(HookSet):
     """Hooks on a model's sites, accumulating into ``buffer`` while ``active``."""
 
     plan: Plan
@@ -72,16 +89,6 @@ class Capture:
             return torch.sqrt(sumsq / (real[:, None] * g * max(self.evaluations, 1)))
         return torch.sqrt(sumsq / counts)
 
-    def detach(self) -> None:
-        """Remove every hook this capture registered (safe to call twice)."""
-        while self.handles:
-            self.handles.pop().remove()
-
-    def __enter__(self) -> "Capture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 def _accumulator(kernel: str, device: torch.device):

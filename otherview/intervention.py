@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import torch
 
+from .capture import HookSet
 from .plan import Plan, Site
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class _Slot:
         self.total: torch.Tensor | None = None  # Recorder: fp32 [seg, width] to add weighted rows into
 
 
-class Intervention:
+class Intervention(HookSet):
     """Pre-hooks that overwrite the masked channels of each site's input while ``active``.
 
     ``masks``: per site, bool ``[max_batch, width]``, the current batch's rows first. ``sources``
@@ -106,16 +107,6 @@ class Intervention:
         for name, m in self.masks.items():
             m[:b].copy_(set_masks[name].index_select(0, row_sets))
 
-    def detach(self) -> None:
-        """Remove every hook (safe to call twice)."""
-        while self.handles:
-            self.handles.pop().remove()
-
-    def __enter__(self) -> "Intervention":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 def _splice(x: torch.Tensor, seg: tuple[int, int], new: torch.Tensor) -> torch.Tensor:
@@ -166,7 +157,7 @@ def attach(transformer: torch.nn.Module, plan: Plan, max_batch: int, device) -> 
     return iv
 
 
-class Recorder:
+class Recorder(HookSet):
     """Read-only pre-hooks that copy (or add up) each site's input segment into buffers the driver sets.
 
     ``targets`` (assign a dict of site name -> ``[rows, seg, width]``): each site's segment is copied
@@ -199,16 +190,6 @@ class Recorder:
         for name, slot in self.slots.items():
             slot.total = values.get(name)
 
-    def detach(self) -> None:
-        """Remove every hook (safe to call twice)."""
-        while self.handles:
-            self.handles.pop().remove()
-
-    def __enter__(self) -> "Recorder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 def _make_recorder(rec: Recorder, site: Site):

@@ -14,6 +14,7 @@ from otherview import causal, intervention
 from otherview.model import architecture
 from otherview.plan import build_plan
 from otherview.spec import load_spec, parse_spec
+from test_capture import _inputs  # the same random transformer inputs
 
 SPECS = Path(__file__).resolve().parent / "specs"
 # Two attention units (head 0, channels 4..7 and head 1, channels 16..19) of the single-stream site, at unit
@@ -36,20 +37,6 @@ def plan():
 @pytest.fixture(scope="module")
 def fine_plan():
     return build_plan(parse_spec(_spec_text(4)), architecture("builtin:tiny"))
-
-
-def _inputs(plan, batch, seed=0):
-    from diffusers import Flux2KleinPipeline as P
-
-    g = torch.Generator().manual_seed(seed)
-    cfg = plan.arch.transformer
-    side = int(plan.target_tokens ** 0.5)
-    lat = torch.randn(batch, cfg["in_channels"], side, side, generator=g)
-    ids = torch.cat([P._prepare_latent_ids(lat), P._prepare_image_ids([lat[:1]]).expand(batch, -1, -1)], dim=1)
-    hidden = torch.randn(batch, plan.target_tokens + plan.reference_tokens, cfg["in_channels"], generator=g)
-    text = torch.randn(batch, plan.text_tokens, cfg["joint_attention_dim"], generator=g)
-    return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.full((batch,), 0.7),
-                img_ids=ids, txt_ids=P._prepare_text_ids(text), guidance=None, return_dict=False)
 
 
 @torch.no_grad()
@@ -285,10 +272,10 @@ def test_intervention_hooks_compile_once_per_class_not_per_site():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from otherview.compiling import compile_blocks
-    from test_capture import _deep_tiny, _inputs as capture_inputs
+    from test_capture import _deep_tiny
 
     transformer, plan = _deep_tiny(3)
-    inputs = capture_inputs(plan, 2, seed=5)
+    inputs = _inputs(plan, 2, seed=5)
     masks = intervention.channel_masks(plan, [[0, 5, 9, plan.n_units - 1], list(range(3, plan.n_units, 7))], "cpu")
     shared = {s.name: torch.randn(1, s.segment[1] - s.segment[0], s.width) for s in plan.sites}
 

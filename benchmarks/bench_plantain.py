@@ -16,8 +16,11 @@ set) and prints a table last.
 
 Whole processes (``--processes``), as a user runs them: the naive script
 (``benchmarks/naive_plantain.py``) and ``python -m otherview exec``, each a fresh subprocess, with
-otherview's compile cache first empty (a fresh ``$OTHERVIEW_CACHE``), then warm (the same folder
-again). Each row has the process's wall time, its weight build/load time (reported apart), the
+otherview's caches first empty (a fresh ``$OTHERVIEW_CACHE``), then warm (the same folder
+again: its compile markers, inductor cache and, where torch was installed without bytecode, the
+bytecode cache of ``otherview.startup``). Each row has the process's wall time, its load phase
+(``load_s``: the model code's imports and the weights) and the weights alone (``weights_s``: drawn
+or read, from ``model.load_clock``), each reported apart, the
 manifest's phases, the time before the run directory exists (startup), before the first weight is
 drawn or read (``first_weight_s``: process start to the end of the model code's imports inside
 ``load_model``, from the manifest's ``model.load_clock``; ``load_started_s`` is the phase's start),
@@ -143,9 +146,13 @@ def _exec_row(base: dict, variant: str, wall: float, rc: int, stdout: str, stder
     load = phases.get("load_model", 0.0)
     report_at = first("report:")
     clock = manifest["model"].get("load_clock") or {}  # seconds since the process started
+    # the weights alone (drawn or read), without the model code's imports that the load phase includes
+    weights = round(clock["done_s"] - clock["weights_started_s"], 2) if clock.get("done_s") is not None else None
     row.update(phases=phases, load_s=load, wall_minus_load_s=round(wall - load, 2),
                startup_s=first("run directory"), before_load_s=first("loading"),
                load_started_s=clock.get("started_s"), first_weight_s=clock.get("weights_started_s"),
+               weights_s=weights, wall_minus_weights_s=round(wall - weights, 2) if weights is not None else None,
+               bytecode_cache=manifest.get("runtime", {}).get("bytecode_cache"),
                after_report_s=round(wall - report_at, 2) if report_at is not None else None,
                outside_phases_s=round(wall - sum(phases.values()), 2),
                compile=manifest.get("runtime", {}).get("compile_decision"), null=manifest.get("null"),
@@ -229,8 +236,8 @@ def processes(args) -> None:
         emit({**base, **_time_null(done[-1]["run_dir"], spec, device)})
     naive = next((r for r in rows if r["provider"] == "naive script" and r.get("wall_minus_load_s")), None)
     print(f"\n{base['device']}, torch {base['torch']}, {args.model}: whole processes (load excluded)")
-    print(f"{'run':<22} {'wall':>7} {'load':>6} {'-load':>7} {'start':>6} {'weight':>6} {'exit':>6} {'outside':>8}  "
-          "vs naive  compile")
+    print(f"{'run':<22} {'wall':>7} {'load':>6} {'-load':>7} {'-weights':>9} {'start':>6} {'weight':>6} {'exit':>6} "
+          f"{'outside':>8}  vs naive  compile")
     for r in rows:
         if "wall_s" not in r:
             continue
@@ -238,7 +245,8 @@ def processes(args) -> None:
         fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         dec = r.get("compile") or {}
         print(f"{r['provider'][:9] + ' ' + r['variant']:<22} {fmt(r['wall_s']):>7} {fmt(r.get('load_s')):>6} "
-              f"{fmt(r.get('wall_minus_load_s')):>7} {fmt(r.get('startup_s')):>6} {fmt(r.get('first_weight_s')):>6} "
+              f"{fmt(r.get('wall_minus_load_s')):>7} {fmt(r.get('wall_minus_weights_s')):>9} {fmt(r.get('startup_s')):>6} "
+              f"{fmt(r.get('first_weight_s')):>6} "
               f"{fmt(r.get('after_report_s')):>6} "
               f"{fmt(r.get('outside_phases_s')):>8}  {ratio:>8}  {dec.get('compile', '')} {dec.get('compile_seconds', '')}")
     for r in rows:

@@ -38,6 +38,8 @@ from typing import Any, Callable
 
 import torch
 
+from .startup import cache_root  # noqa: F401  (re-exported: the cache folder every part of otherview uses)
+
 log = logging.getLogger(__name__)
 
 # Calibration (H100 80GB, torch 2.11, Klein 4B, batch 20 at the probe shape, capture hooks on the 25
@@ -50,14 +52,6 @@ COMPILED_SAVING = 0.27
 COLD_COMPILE_S = 18.0  # a cold regional compile of both block classes at one shape
 WARM_COMPILE_S = 4.5  # a warm one (dynamo trace + cache load), until this machine has measured its own
 SCHEMA = 1
-
-
-def cache_root() -> Path:
-    """Return otherview's cache folder: ``$OTHERVIEW_CACHE``, else ``$XDG_CACHE_HOME/otherview``, else ``~/.cache/otherview``."""
-    if os.environ.get("OTHERVIEW_CACHE"):
-        return Path(os.environ["OTHERVIEW_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "otherview"
 
 
 def use_cache_dir() -> Path:

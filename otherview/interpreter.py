@@ -28,7 +28,7 @@ import torch
 
 from . import analysis as analysis_mod
 from . import capture as capture_mod
-from . import checks, compiling, distributed, errors
+from . import checks, compiling, distributed, errors, startup
 from . import figures
 from . import memory as memory_mod
 from . import model as model_mod
@@ -466,7 +466,7 @@ def _probe_batches(plan: Plan, device, run_dir: Path, manifest: dict, phases: Ph
     manifest["runtime"] = {"compile": compiled, "compile_backend": spec.runtime.compile_backend if compiled else None,
                            "compile_decision": decision.record(),
                            "attention_backend": spec.runtime.attention_backend,
-                           "capture_kernel": spec.runtime.capture_kernel}
+                           "capture_kernel": spec.runtime.capture_kernel, "bytecode_cache": startup.bytecode_cache()}
     n_batches = shards.n_batches(plan, batch_size)
     say(f"{len(plan.passes)} probe passes in batches of {batch_size}, {plan.n_units} units"
         + (f", {n_batches - len(work.todo)} batches recorded before" if len(work.todo) < n_batches else "")

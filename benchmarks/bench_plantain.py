@@ -163,7 +163,8 @@ def _exec_row(base: dict, variant: str, wall: float, rc: int, stdout: str, stder
 
 def _time_null(run_dir: str, spec, device) -> dict:
     """Return the exact null's time on a finished run's differences (median of three, after a warm-up)."""
-    d = store.read_tensors(Path(run_dir) / "rms.safetensors")["d"]
+    arrays = store.read_tensors(Path(run_dir) / "rms.safetensors")
+    d = arrays[next(k for k in arrays if k.endswith("/d"))]  # the first contrast's differences
     times = []
     for _ in range(3):
         _sync(device)

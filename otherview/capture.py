@@ -91,6 +91,11 @@ class Capture(HookSet):
 
 
 
+def resolved_kernel(kernel: str, device: torch.device) -> str:
+    """Return what ``runtime.capture_kernel`` = ``kernel`` runs on ``device``: "compiled" (otherview's op) or "reference" (PyTorch)."""
+    return "compiled" if kernel != "reference" and ops.has_kernel("unit_sumsq_", device) else "reference"
+
+
 def _accumulator(kernel: str, device: torch.device):
     """Return ``accumulate(x, unit_width, segments, out)``, chosen once at attach time.
 

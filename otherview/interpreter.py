@@ -475,6 +475,7 @@ def _probe_batches(plan: Plan, device, run_dir: Path, manifest: dict, phases: Ph
         say(f"{ctx.world} processes: this one runs {len(mine)} of {len(work.todo)} batches")
     side = spec.runtime.capture_stream == "side" or (spec.runtime.capture_stream == "auto" and not compiled)
     manifest["runtime"]["capture_stream"] = "side" if side and device.type == "cuda" else "inline"
+    manifest["runtime"]["capture_kernel_resolved"] = capture_mod.resolved_kernel(spec.runtime.capture_kernel, device)
     with capture_mod.attach(loaded.pipe.transformer, plan, buffer, spec.runtime.capture_kernel,
                             side_stream=side) as cap:
         if spec.capture.tokens == "prompt":

@@ -366,6 +366,32 @@ def _memory_line(manifest: dict[str, Any]) -> list[str]:
             f"{mem.get('encode_chunk')} at a time; budget {budget}; estimated peak {mem['estimated_peak_gib']:.2f} GiB{peak}"]
 
 
+def _resolved(setting: Any, value: Any) -> str:
+    """Return "auto -> value" where a setting was resolved to something else, else the value."""
+    return f"{setting} -> {value}" if value is not None and setting != value else str(setting)
+
+
+def _runtime_line(manifest: dict[str, Any]) -> list[str]:
+    """Return the provenance line on how the probes ran: every ``auto`` as it was resolved, and why."""
+    rt = manifest.get("runtime")
+    if not rt:
+        return []
+    dec = rt.get("compile_decision") or {}
+    reason = dec.get("reason") or ""
+    setting = dec.get("setting")
+    if setting and reason and not reason.startswith(setting):
+        reason = f"{setting}: {reason}"
+    compiled = "compiled blocks" if rt.get("compile") else "eager"
+    parts = [compiled + (f" ({reason})" if reason else "")
+             + (f"; compile took {dec['compile_seconds']:.1f} s" if dec.get("compile_seconds") is not None else ""),
+             f"capture kernel {_resolved(rt.get('capture_kernel'), rt.get('capture_kernel_resolved'))} "
+             f"on the {rt.get('capture_stream', 'inline')} stream",
+             f"attention backend {rt.get('attention_backend')}"]
+    if rt.get("bytecode_cache"):
+        parts.append(f"bytecode cache `{rt['bytecode_cache']}` (torch was installed without bytecode)")
+    return ["- runtime: " + "; ".join(parts)]
+
+
 def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figures_mod.Figure]) -> str:
     """Return ``report.md`` for a run from its manifest, summary and figures."""
     spec = manifest["spec"]
@@ -402,7 +428,7 @@ def render(manifest: dict[str, Any], summary: dict[str, Any], figures: list[figu
               f"diffusers {manifest['versions'].get('diffusers')}, numpy {manifest['versions'].get('numpy')}",
               "- phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in manifest.get("phases", {}).items()
                                             if k != "report")]
-    lines += _memory_line(manifest)
+    lines += _memory_line(manifest) + _runtime_line(manifest)
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from otherview.cli import main
 from otherview.store import read_csv, read_tensors
@@ -66,6 +67,18 @@ def test_report_says_random_weights_and_has_the_card_table(small_run):
     assert "RANDOM WEIGHTS" in text.split("## Results")[0]
     assert "| units with \\|t\\|>2 |" in text and "| max \\|t\\| |" in text
     assert "exact: all 32 sign flips" in text
+
+
+def test_manifest_and_report_say_how_each_auto_was_resolved(small_run):
+    from otherview import capture
+
+    runtime = json.loads((small_run / "manifest.json").read_text())["runtime"]
+    want = capture.resolved_kernel("auto", torch.device("cpu"))
+    assert runtime["capture_kernel"] == "auto" and runtime["capture_kernel_resolved"] == want
+    assert runtime["compile_decision"]["setting"] == "auto" and runtime["compile"] is False
+    assert "bytecode_cache" in runtime  # None here: this install has bytecode
+    line = next(ln for ln in (small_run / "report.md").read_text().splitlines() if ln.startswith("- runtime:"))
+    assert f"capture kernel auto -> {want}" in line and line.startswith("- runtime: eager (auto: cpu device")
 
 
 def test_report_rerenders_without_the_model(runner, small_run):

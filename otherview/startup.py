@@ -80,11 +80,26 @@ def _beside(source: str, debug_override=None, *, optimization=None) -> str:
 
 
 def _current(source: str, pyc: str) -> bool:
-    """Return whether ``pyc`` exists and is no older than ``source`` (Python checks it exactly when reading)."""
+    """Return whether ``pyc`` is bytecode Python will accept for ``source`` as it is now.
+
+    Reads its 16-byte header as Python does: this interpreter's magic number, then either a hash
+    (Python validates those itself) or the source's modification time and size. So a stale or
+    foreign file is never chosen, and Python never has to recompile and rewrite it beside the
+    install.
+    """
     try:
-        return os.stat(pyc).st_mtime >= os.stat(source).st_mtime
+        with open(pyc, "rb") as f:
+            head = f.read(16)
+        st = os.stat(source)
     except OSError:
         return False
+    if len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags = int.from_bytes(head[4:8], "little")
+    if flags & 0b1:  # hash-based bytecode
+        return True
+    return (flags == 0 and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
 
 
 def use_bytecode_cache(probe: str = "torch") -> Path | None:

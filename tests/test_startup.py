@@ -103,3 +103,14 @@ def test_the_distribution_scan_runs_once_and_hands_out_copies(monkeypatch):
     assert metadata.packages_distributions() == {"pkg": ["dist"]} and calls == [1]
     startup.memoize_distributions()  # a second call does not wrap it again
     assert metadata.packages_distributions() == {"pkg": ["dist"]} and calls == [1]
+
+
+def test_stale_bytecode_beside_a_module_is_neither_used_nor_rewritten(tmp_path):
+    _package(tmp_path / "site", "bare_pkg", compiled=False)  # the probe: no bytecode, so the cache is on
+    stale = _package(tmp_path / "site", "stale_pkg", compiled=True)
+    beside = {p: p.read_bytes() for p in stale.rglob("*.pyc")}
+    (stale / "part.py").write_text("VALUE = 42  # edited after it was compiled\n")  # another size: stale
+    _run(tmp_path, "bare_pkg", ["bare_pkg", "stale_pkg"])
+    assert {p: p.read_bytes() for p in stale.rglob("*.pyc")} == beside  # not rewritten beside the install
+    assert any("stale_pkg" in k and "part." in k for k in _cached(tmp_path))  # compiled into the cache
+    assert not any("stale_pkg" in k and "__init__." in k for k in _cached(tmp_path))  # its current one was read

@@ -131,8 +131,8 @@ def use_bytecode_cache(probe: str = "torch") -> Path | None:
         beside = _beside(path, debug_override, optimization=optimization)
         if _current(path, beside):
             return beside  # the install's own bytecode
-        head = os.path.dirname(os.path.abspath(path))
-        return os.path.join(str(folder), head.lstrip(os.sep), os.path.basename(beside))
+        head = os.path.splitdrive(os.path.dirname(os.path.abspath(path)))[1]  # as CPython's own prefix does
+        return os.path.join(str(folder), head.lstrip(os.sep + (os.altsep or "")), os.path.basename(beside))
 
     bootstrap.cache_from_source = cache_from_source
     sys.dont_write_bytecode = False  # writes go to the cache folder (an install's own bytecode is only read)

@@ -8,8 +8,9 @@ the reference, every pass starting from the same seeded noise, no VAE decode of 
 capture hooks accumulating into a preallocated buffer; statistics; report. The manifest is
 written first (status "running") and rewritten as phases complete, and every process records each
 probe batch it finishes (``shards``), so a crash leaves a run directory that says how far it got.
-The passes' machinery (encoding, the reference, the probe batches) is ``probes``; this module runs the
-phases, the run directory, resume and the processes' shares under accelerate.
+The passes' machinery (encoding, the reference, the probe batches) is ``probes`` and the files a finished
+run writes are ``outputs``; this module runs the phases, the run directory, resume and the processes'
+shares under accelerate.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import uuid
 from pathlib import Path
@@ -32,7 +32,7 @@ from . import checks, compiling, distributed, errors, startup
 from . import figures
 from . import memory as memory_mod
 from . import model as model_mod
-from . import offload
+from . import offload, outputs
 from . import report as report_mod
 from . import shards, store
 from . import summary as summary_mod
@@ -46,48 +46,6 @@ from .spec import Spec, spec_hash
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-def _opt(values, i: int):
-    return "" if values is None else float(values[i])
-
-
-def _unit_rows(plan: Plan, results: analysis_mod.Results) -> list[dict]:
-    """Return units.csv's rows: one per analysis and unit, where the unit sits and its statistics."""
-    rows = []
-    stream_kind = {s.name: s.kind for s in plan.sites}  # image / text / joint; a unit's kind is attention / mlp
-    for res in results.contrasts:
-        inf, d, t = res.inf, res.d, res.t
-        mean_d = d.mean(axis=0)
-        for u in plan.units:
-            i = u.index
-            rows.append({"analysis": res.key, "contrast": res.analysis.contrast,
-                         "step": "mean" if res.analysis.step is None else res.analysis.step,
-                         "unit": i, "site": u.site, "stream": u.stream, "stream_kind": stream_kind[u.site], "block": u.block,
-                         "channel_start": u.channel_start, "channel_end": u.channel_end, "kind": u.kind,
-                         "head": u.head if u.kind == "attention" else "", "subgroup": u.subgroup,
-                         "mean_d": float(mean_d[i]), "t": float(t[i]), "d_z": float(inf.d_z[i]),
-                         "d_z_low": float(inf.d_z_low[i]), "d_z_high": float(inf.d_z_high[i]),
-                         "g_z": _opt(inf.g_z, i), "g_z_low": _opt(inf.g_z_low, i), "g_z_high": _opt(inf.g_z_high, i),
-                         "p_uncorrected": float(inf.p_uncorrected[i]), "p_fwer": float(inf.p_fwer[i]),
-                         "p_step_down": _opt(inf.p_step_down, i),
-                         "q": float(inf.q[i]), "axis_rho": float(inf.axis.rho[i]),
-                         "axis_p": float(inf.axis.p_uncorrected[i]), "axis_p_fwer": float(inf.axis.p_fwer[i]),
-                         "axis_q": float(inf.axis_q[i])})
-    return rows
-
-
-def pass_rows(plan: Plan) -> list[dict]:
-    """Return passes.csv's rows: one per row of the per-pass arrays (a pass at a captured step level)."""
-    design, counts = plan.design, plan.token_counts or {}
-    rows = []
-    for p in plan.passes:
-        for k, step in enumerate(design.steps):
-            rows.append({"row": design.row(p.index, k), "pass": p.index, "condition": p.condition, "item": p.item,
-                         "item_value": design.items[p.item].value, "wording": p.wording,
-                         "scene": design.scenes[p.scene].name, "seed": p.seed, "step": "mean" if step is None else step,
-                         "prompt": p.prompt, "tokens": counts.get(p.prompt, "")})
-    return rows
 
 
 def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | None = None,
@@ -133,7 +91,7 @@ def execute(spec: Spec, raw_text: str, spec_path: str, model_override: str | Non
                 "processes": ctx.world, "phases": {}, "overrides": list(overrides or []),
                 "layout_id": summary_mod.layout_id(plan)}
     store.write_json(run_dir / "manifest.json", manifest)
-    store.write_csv(run_dir / "passes.csv", pass_rows(plan))
+    store.write_csv(run_dir / "passes.csv", outputs.pass_rows(plan))
     (progress or log.info)(f"run directory {run_dir}")
     return _run(plan, device, run_dir, manifest, progress, loaded, workers, ctx, models)
 
@@ -318,44 +276,6 @@ def _phase_statistics(plan: Plan, rms: np.ndarray | None, phases: Phases, say: P
         return analysis_mod.analyse(plan.design, rms, device, progress=say, split=split)
 
 
-def _phase_write(plan: Plan, rms: np.ndarray, results, run_dir: Path, phases: Phases, manifest: dict) -> None:
-    with phases("write"):
-        arrays = {"rms": rms}
-        nulls, infs, meta = {}, {}, {}
-        for res in results.contrasts:
-            k = res.key
-            arrays[f"{k}/d"], arrays[f"{k}/t"] = res.d, res.t
-            r = res.null.result
-            nulls.update({f"{k}/count_hist": r.count_hist, f"{k}/exceed": r.exceed, f"{k}/fwer_exceed": r.fwer_exceed,
-                          f"{k}/max_hist": r.max_hist})
-            for name in ("fwer_exceed_lo", "step_down_exceed", "observed_count"):
-                if getattr(r, name, None) is not None:
-                    nulls[f"{k}/{name}"] = getattr(r, name)
-            meta[k] = {"mode": r.mode, "n_flips": int(r.n_flips)}
-            infs.update({f"{k}/{name}": v for name, v in res.inf.arrays().items()})
-        for s in results.specificity:
-            arrays[f"{s.key}/passed"] = s.passed.astype(np.uint8)
-        store.write_tensors(run_dir / "rms.safetensors", arrays,
-                            {"passes_done": str(len(plan.passes)), "random_weights": str(plan.arch.random_weights)})
-        store.write_tensors(run_dir / "null.safetensors", nulls, {"analyses": json.dumps(meta, sort_keys=True)})
-        store.write_tensors(run_dir / "inference.safetensors", infs)
-        store.write_csv(run_dir / "units.csv", _unit_rows(plan, results))
-        summary = summary_mod.summarise(plan, results)
-        summary["random_weights"] = plan.arch.random_weights
-        store.write_json(run_dir / "summary.json", summary)
-        manifest.update(null={r.key: _null_record(r.null) for r in results.contrasts})
-        store.seal(run_dir, manifest)  # from here on, report refuses files that no longer match
-
-
-def _null_record(null) -> dict:
-    """Return the manifest's record of one contrast's null; a split null says how (processes, ranges)."""
-    record = {"method": null.method, "exact": null.exact, "flips": int(null.result.n_flips)}
-    ranges = null.result.flip_ranges
-    if len(ranges) > 1:  # each step-down pass is split into the same ranges
-        record["split"] = {"processes": len(ranges), "flip_ranges": [list(r) for r in ranges]}
-    return record
-
-
 def _load_model(plan: Plan, device, manifest: dict, phases: Phases, say: Progress, loaded,
                 est: memory_mod.Estimate | None = None):
     spec = plan.spec
@@ -502,7 +422,7 @@ def _execute(plan: Plan, device: torch.device, run_dir: Path, manifest: dict, ph
         if rms is None:
             rms, loaded = _phase_probe(plan, device, run_dir, manifest, phases, say, loaded, ctx)
         results = _phase_statistics(plan, rms, phases, say, device, ctx)
-        _phase_write(plan, rms, results, run_dir, phases, manifest)
+        outputs.write_results(plan, rms, results, run_dir, phases, manifest)
     with phases("report"):
         report_mod.write_report(run_dir, workers)
     stop_point("complete")

@@ -19,9 +19,10 @@ AXIS_UNITS = [700, 3000, 9001, 16000]  # units whose difference follows the crea
 
 
 def _write_run(run_dir, plan, rms, random_weights=True):
-    """Write what ``interpreter._execute`` writes after the probes, from per-pass RMS."""
+    """Write what ``interpreter._execute`` writes after the probes (``outputs.write_results``), from per-pass RMS."""
     from otherview.analysis import analyse
-    from otherview.interpreter import Phases, _phase_write
+    from otherview.outputs import write_results
+    from otherview.phases import Phases
 
     spec = plan.spec
     results = analyse(plan.design, rms)
@@ -31,7 +32,7 @@ def _write_run(run_dir, plan, rms, random_weights=True):
                 "resolution_note": plan.resolution_note, "versions": {"torch": "x", "diffusers": "y", "numpy": "z"},
                 "git_sha": "abc", "device": {"device": "cuda", "gpu": "NVIDIA H100"}, "phases": {"probe": 1.0}}
     store.write_json(run_dir / "manifest.json", manifest)
-    _phase_write(plan, rms, results, run_dir, Phases(), manifest)  # records the files' hashes in the manifest
+    write_results(plan, rms, results, run_dir, Phases(), manifest)  # records the files' hashes in the manifest
     store.write_json(run_dir / "manifest.json", manifest)
     res = results.contrasts[0]
     return res.d, res.t, res.inf

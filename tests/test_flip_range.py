@@ -7,8 +7,6 @@ alone, cuts inside the CPU op's 4096-flip chunks and inside the CUDA tree kernel
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -17,6 +15,7 @@ import torch
 from otherview import ops
 from otherview.ops.fixedpoint import prepare
 from otherview.ops.signflip import FlipSplit, NullResult, signflip_null, signflip_null_ref, step_down
+from test_signflip import op_errors_in_child  # the compiled op in a child process
 
 HAS_CPU_OP = ops.compiled_available() and ops.has_kernel("signflip_null", "cpu")
 HAS_CUDA = torch.cuda.is_available() and ops.compiled_available() and ops.has_kernel("signflip_null", "cuda")
@@ -111,22 +110,10 @@ def test_bad_ranges_raise(flip_range, shown):
 
 @pytest.mark.skipif(not HAS_CPU_OP, reason="compiled CPU op not built")
 def test_compiled_op_repeats_the_range_message():
-    # In a child process, as tests/test_signflip.py does for the op's other errors.
-    code = (
-        "import torch, otherview.ops\n"
-        "from otherview.ops.fixedpoint import prepare\n"
-        "p = prepare(torch.randn(11, 4), [1.0])\n"
-        "for a, b in ((5, 3), (-1, 4), (0, 1025), (1025, None)):\n"
-        "    try:\n"
-        "        torch.ops.otherview.signflip_null(p.q, p.thr, p.a_obs, p.kinv, 'exact', 0, 0, 16, a, b)\n"
-        "    except ValueError as e:\n"
-        "        print('ValueError:', e)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # (the range is the op's 9th and 10th arguments)
     want = [f"ValueError: signflip_null: flip range {shown} must satisfy 0 <= flip_start <= flip_stop <= 1024, "
             "the null's flips" for _, shown in BAD]
-    assert proc.stdout.splitlines() == want
+    assert op_errors_in_child(11, 4, [(5, 3), (-1, 4), (0, 1025), (1025, None)]) == want
 
 
 def test_split_ranges_tile_the_flips():

@@ -234,22 +234,32 @@ def test_inputs_not_mutated_and_errors():
         signflip_null(bad, [1.0], "exact")
 
 
-@pytest.mark.skipif(not HAS_CPU_OP, reason="compiled CPU op not built")
-def test_compiled_op_raises_value_error():
-    # In a child process: on the GPU machine's toolchain a C++ exception thrown out of the
-    # extension has been seen to crash the interpreter, which must not take the other tests along.
+def op_errors_in_child(n_pairs: int, n_units: int, calls: list[tuple]) -> list[str]:
+    """Call the compiled exact op once per argument tail in ``calls`` (after the 8 fixed arguments) in a
+    child process, on random differences of that shape; return the ``ValueError: ...`` lines it printed.
+
+    A child process: on the GPU machine's toolchain a C++ exception thrown out of the extension has
+    been seen to crash the interpreter, which must not take the other tests along.
+    """
     code = (
         "import torch, otherview.ops\n"
         "from otherview.ops.fixedpoint import prepare\n"
-        "p = prepare(torch.randn(41, 3), [1.0])\n"
-        "try:\n"
-        "    torch.ops.otherview.signflip_null(p.q, p.thr, p.a_obs, p.kinv, 'exact', 0, 0, 16)\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n"
+        f"p = prepare(torch.randn({n_pairs}, {n_units}), [1.0])\n"
+        f"for extra in {calls!r}:\n"
+        "    try:\n"
+        "        torch.ops.otherview.signflip_null(p.q, p.thr, p.a_obs, p.kinv, 'exact', 0, 0, 16, *extra)\n"
+        "    except ValueError as e:\n"
+        "        print('ValueError:', e)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ValueError: signflip_null: exact mode enumerates 2^(n_pairs-1) flips" in proc.stdout
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="compiled CPU op not built")
+def test_compiled_op_raises_value_error():
+    lines = op_errors_in_child(41, 3, [()])
+    assert "ValueError: signflip_null: exact mode enumerates 2^(n_pairs-1) flips" in "\n".join(lines)
 
 
 def test_auto_mode():

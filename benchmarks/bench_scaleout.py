@@ -182,19 +182,21 @@ def main() -> None:
     with open(out, "a") as f:
         for row in rows + null_rows:
             f.write(json.dumps(row) + "\n")
-    if rows:
-        print(f"\n| GPUs | passes/s | efficiency | probe s | statistics s | wall s | max rel diff vs {counts[0]} |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['gpus']} | {r['passes_per_s']} | {r['efficiency']} | {r['probe_s']} | {r['statistics_s']} | "
-                  f"{r['wall_s']} | {r['max_rel_diff_vs_1']:.2e} |")
-    if null_rows:
-        print(f"\n| GPUs | pairs | units | flips | exact null s | speedup | efficiency | same counts as {counts[0]} |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in null_rows:
-            print(f"| {r['gpus']} | {r['n_pairs']} | {r['units']} | {r['flips']} | {r['null_s']} | {r['speedup']} | "
-                  f"{r['efficiency']} | {r['same_counts']} |")
+    _table(rows, ["gpus", "passes_per_s", "efficiency", "probe_s", "statistics_s", "wall_s", "max_rel_diff_vs_1"],
+           ["GPUs", "passes/s", "efficiency", "probe s", "statistics s", "wall s", f"max rel diff vs {counts[0]}"])
+    _table(null_rows, ["gpus", "n_pairs", "units", "flips", "null_s", "speedup", "efficiency", "same_counts"],
+           ["GPUs", "pairs", "units", "flips", "exact null s", "speedup", "efficiency", f"same counts as {counts[0]}"])
 
+
+def _table(rows: list[dict], keys: list[str], heads: list[str]) -> None:
+    """Print ``rows`` as a markdown table of ``keys`` under ``heads`` (nothing for no rows)."""
+    if not rows:
+        return
+    cell = lambda v: f"{v:.2e}" if isinstance(v, float) and abs(v) < 1e-2 else str(v)  # noqa: E731
+    print("\n| " + " | ".join(heads) + " |")
+    print("|" + "---|" * len(heads))
+    for r in rows:
+        print("| " + " | ".join(cell(r[k]) for k in keys) + " |")
 
 if __name__ == "__main__":
     main()

@@ -70,11 +70,11 @@ def has_bytecode(module: str) -> bool | None:
         return None
 
 
-def _beside(source: str, debug_override=None, *, optimization=None) -> str:
+def _beside(source: str) -> str:
     """Return where an install keeps ``source``'s bytecode (``__pycache__`` beside it), ignoring any prefix."""
     prefix, sys.pycache_prefix = sys.pycache_prefix, None
     try:
-        return _ORIGINAL(source, debug_override, optimization=optimization)
+        return _ORIGINAL(source)
     finally:
         sys.pycache_prefix = prefix
 
@@ -128,7 +128,8 @@ def use_bytecode_cache(probe: str = "torch") -> Path | None:
         return None  # someone else replaced it: leave theirs alone
 
     def cache_from_source(path, debug_override=None, *, optimization=None):
-        beside = _beside(path, debug_override, optimization=optimization)
+        # sys.pycache_prefix is None here (checked above), so the original gives the place beside the source
+        beside = _ORIGINAL(path, debug_override, optimization=optimization)
         if _current(path, beside):
             return beside  # the install's own bytecode
         head = os.path.splitdrive(os.path.dirname(os.path.abspath(path)))[1]  # as CPython's own prefix does

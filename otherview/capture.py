@@ -106,7 +106,7 @@ def _accumulator(kernel: str, device: torch.device):
         return _reference_sumsq_
     if kernel == "compiled" and not ops.has_kernel("unit_sumsq_", device):
         raise CaptureError(f"runtime.capture_kernel = 'compiled' but no compiled op is built for {device}")
-    if ops.has_kernel("unit_sumsq_", device):
+    if resolved_kernel(kernel, device) == "compiled":
         op = torch.ops.otherview.unit_sumsq_
         return lambda x, unit_width, segments, out: op(x, unit_width, segments, out)
     return rms_ops.unit_sumsq_
